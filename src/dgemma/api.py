@@ -1,0 +1,248 @@
+"""The Python API: `dgemma.load(path)` → `DiffusionGemma` with `.generate()`, `.tokenizer`, `.save()`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from . import checkpoint
+from .config import GenerationConfig, ModelConfig
+from .errors import CheckpointError, DGemmaError, UnsupportedInputError
+from .generate import CanvasInfo, GenerateOutput, StepInfo, generate
+from .model import Backbone
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, default: str | None = None) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = dtype or default or "float32"
+    if name not in DTYPES:
+        raise DGemmaError(f"unknown dtype {name!r}; expected one of float32, bfloat16, float16")
+    return DTYPES[name]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise DGemmaError(f"unknown device {device!r}; expected e.g. 'cpu' or 'cuda'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DGemmaError("device 'cuda' requested but torch sees no CUDA device")
+    return dev
+
+
+class DiffusionGemma:
+    """A loaded model: config, generation defaults, backbone and (when the checkpoint has one) tokenizer."""
+
+    def __init__(self, config: ModelConfig, backbone: Backbone, generation_config: GenerationConfig | None = None,
+                 tokenizer: Any = None, path: Path | None = None):
+        self.config = config
+        self.backbone = backbone
+        self.generation_config = generation_config or GenerationConfig()
+        self._tokenizer = tokenizer
+        self.path = path
+
+    # ------------------------------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            where = f" in {self.path}" if self.path else ""
+            raise CheckpointError(f"this model has no tokenizer (no tokenizer.json{where}); pass token ids instead")
+        return self._tokenizer
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.backbone.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.device
+
+    def resolve_generation_config(self, **overrides: Any) -> GenerationConfig:
+        """kwargs > the checkpoint's generation_config.json > the reference defaults (spec §4.1)."""
+        return self.generation_config.merged(**overrides)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor | Sequence[Sequence[int]] | Sequence[int],
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int | None = None,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        max_denoising_steps: int | None = None,
+        entropy_bound: float | None = None,
+        t_min: float | None = None,
+        t_max: float | None = None,
+        stability_threshold: int | None = None,
+        confidence_threshold: float | None = None,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        trim: bool = False,
+        stop: str | Sequence[str] | None = None,
+        on_step: Callable[[StepInfo], None] | None = None,
+        on_canvas: Callable[[CanvasInfo], None] | None = None,
+    ) -> GenerateOutput:
+        """Generate with the reference's block-diffusion sampler.
+
+        With default settings (no `trim`, no `stop`), `generate(ids, seed=s)` returns exactly the tokens of
+        `torch.manual_seed(s); reference.generate(ids)`: whole canvases, padded after EOS.
+        Opt-in extras: `trim=True` cuts each row to exactly `max_new_tokens` new tokens; `stop` ends a row at the
+        first occurrence of any stop string (tokens from there on become pad) and needs the tokenizer."""
+        ids = self._as_batch(input_ids)
+        if attention_mask is not None:
+            attention_mask = torch.as_tensor(attention_mask)
+            if attention_mask.shape != ids.shape:
+                raise DGemmaError(
+                    f"attention_mask has shape {list(attention_mask.shape)}, expected {list(ids.shape)} (2-D, like input_ids)")
+        gcfg = self.resolve_generation_config(
+            max_new_tokens=max_new_tokens, max_denoising_steps=max_denoising_steps, entropy_bound=entropy_bound,
+            t_min=t_min, t_max=t_max, stability_threshold=stability_threshold,
+            confidence_threshold=confidence_threshold, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+        if generator is None:
+            generator = torch.Generator(device=self.device)
+            if seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(int(seed))
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        P0 = ids.shape[1]
+        stopped: dict[int, int] = {}  # row -> number of new tokens kept
+        canvas_cb = on_canvas
+        if stops:
+            tok = self.tokenizer
+            if gcfg.pad_token_id is None:
+                raise DGemmaError("stop strings need a pad_token_id (tokens after the stop become pad)")
+            produced: list[list[int]] = [[] for _ in range(ids.shape[0])]
+
+            def canvas_cb(info: CanvasInfo) -> bool:
+                for b in range(ids.shape[0]):
+                    if b in stopped:
+                        continue
+                    produced[b].extend(info.tokens[b].tolist())
+                    keep = _stop_cut(tok, produced[b], stops, gcfg.pad_token_id)
+                    if keep is not None:
+                        stopped[b] = keep
+                if on_canvas is not None:
+                    on_canvas(info)
+                return len(stopped) == ids.shape[0]
+
+        out = generate(self.backbone, ids, gcfg, self.config.canvas_length, attention_mask, generator,
+                       on_step=on_step, on_canvas=canvas_cb)
+        if stopped:
+            for b, keep in stopped.items():
+                out.sequences[b, P0 + keep:] = gcfg.pad_token_id
+                out.finish_reasons[b] = "stop"
+        if trim:
+            out.sequences = out.sequences[:, : P0 + gcfg.max_new_tokens]
+            new = out.sequences[:, P0:]
+            for b in range(ids.shape[0]):
+                if out.finish_reasons[b] == "eos" and not bool(torch.isin(new[b], torch.tensor(gcfg.eos_ids)).any()):
+                    out.finish_reasons[b] = "length"  # the EOS lay beyond max_new_tokens
+        return out
+
+    def _as_batch(self, input_ids: Any) -> torch.Tensor:
+        ids = torch.as_tensor(input_ids)
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.dim() != 2 or ids.shape[1] == 0 or ids.dtype in (torch.float16, torch.float32, torch.float64,
+                                                                 torch.bfloat16, torch.bool):
+            raise DGemmaError(f"input_ids must be a non-empty 2-D integer tensor [batch, tokens], got shape "
+                              f"{list(ids.shape)} {ids.dtype}")
+        ids = ids.long()
+        V = self.config.text.vocab_size
+        if bool((ids < 0).any()) or bool((ids >= V).any()):
+            raise DGemmaError(f"input_ids contain ids outside the vocabulary [0, {V})")
+        if self.config.image_token_id is not None and bool((ids == self.config.image_token_id).any()):
+            raise UnsupportedInputError("input contains image tokens; dgemma is text-only (vision is not supported)")
+        return ids
+
+    # ------------------------------------------------------------------------------------------------------
+    def generate_text(self, prompt: str | list[dict], *, chat: bool = False, **kwargs: Any) -> str:
+        """Convenience: text (or chat messages) in, decoded completion out (special tokens removed)."""
+        tok = self.tokenizer
+        if chat or isinstance(prompt, list):
+            messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        else:
+            ids = tok.encode(prompt)
+        out = self.generate(torch.tensor([ids]), **kwargs)
+        return tok.decode(out.sequences[0, len(ids):].tolist(), skip_special_tokens=True)
+
+    def save(self, out_dir: str | Path, dtype: str | torch.dtype | None = None,
+             max_shard_bytes: int = 5 * 1024**3) -> None:
+        """Write an HF-format DiffusionGemma directory that transformers and dgemma load."""
+        save_model(self, Path(out_dir), dtype=dtype, max_shard_bytes=max_shard_bytes)
+
+
+def _stop_cut(tok: Any, tokens: list[int], stops: list[str], pad: int) -> int | None:
+    """If the decoded text contains a stop string, the number of tokens to keep (the shortest prefix whose text
+    reaches the stop string, minus the stop string's own tokens where they align); else None."""
+    text = tok.decode([t for t in tokens if t != pad], skip_special_tokens=False)
+    hits = [text.find(s) for s in stops if s and s in text]
+    if not hits:
+        return None
+    cut = min(hits)
+    kept = 0
+    for n in range(len(tokens) + 1):
+        if len(tok.decode([t for t in tokens[:n] if t != pad], skip_special_tokens=False)) > cut:
+            break
+        kept = n
+    return kept
+
+
+# ----------------------------------------------------------------------------------------------------------
+def load(path: str | Path, dtype: str | torch.dtype | None = None,
+         device: str | torch.device | None = None) -> DiffusionGemma:
+    """Load an HF-format DiffusionGemma checkpoint directory.
+
+    dtype: None = the checkpoint's dtype; device: None = CUDA if available else CPU. Weights are memory-mapped and
+    converted tensor by tensor; vision weights are skipped (dgemma is text-only)."""
+    d = Path(path)
+    if not d.is_dir():
+        raise CheckpointError(f"{d}: checkpoint directory not found")
+    cfg_path = d / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{d}: missing config.json (expected an HF-format DiffusionGemma checkpoint directory)")
+    config = ModelConfig.from_file(cfg_path)
+    gen_path = d / "generation_config.json"
+    gcfg = GenerationConfig.from_file(gen_path) if gen_path.is_file() else GenerationConfig(
+        eos_token_id=config.text.eos_token_id, pad_token_id=config.text.pad_token_id)
+    tdtype = resolve_dtype(dtype, config.dtype if config.dtype in DTYPES else None)
+    dev = resolve_device(device)
+    with torch.device("meta"):
+        backbone = Backbone(config.text)
+    state = dict(checkpoint.read_state_dict(d, config.text, tdtype, dev))
+    backbone.load_state_dict(state, strict=True, assign=True)
+    backbone.eval().requires_grad_(False)
+    tokenizer = None
+    if (d / "tokenizer.json").is_file():
+        from .tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_dir(d)
+    return DiffusionGemma(config, backbone, gcfg, tokenizer, path=d)
+
+
+def save_model(model: DiffusionGemma, out_dir: Path, dtype: str | torch.dtype | None = None,
+               max_shard_bytes: int = 5 * 1024**3) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tdtype = resolve_dtype(dtype, None) if dtype is not None else model.dtype
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in list(model.backbone.named_parameters()) + list(model.backbone.named_buffers()):
+        tensors[checkpoint.hf_key(name)] = t.detach().to(tdtype)
+    checkpoint.write_weights(out_dir, tensors, max_shard_bytes)
+    cfg = model.config.to_dict()
+    cfg["dtype"] = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[tdtype]
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    (out_dir / "generation_config.json").write_text(json.dumps(model.generation_config.to_hf_dict(), indent=2) + "\n")
+    if model._tokenizer is not None:
+        model._tokenizer.save(out_dir)

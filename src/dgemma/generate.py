@@ -1,0 +1,145 @@
+"""Block-autoregressive diffusion generation for one batch (spec §4.2).
+
+encode prompt → [denoise × ≤N → commit argmax canvas → encode canvas]* . With default settings and a
+`torch.Generator` seeded with s this returns exactly what `torch.manual_seed(s); reference.generate(...)` returns.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from . import sampling
+from .config import GenerationConfig
+from .model import Backbone
+
+
+@dataclass
+class StepInfo:
+    """What one denoising step did, for live views (`--watch`) and analysis. Tensors are [B, L] unless noted."""
+
+    canvas_index: int
+    step: int  # 1-based step within this canvas
+    steps_remaining: int  # n in the schedule (N…1), including this step
+    temperature: float
+    draft: torch.Tensor  # argmax canvas (frozen rows keep theirs)
+    canvas: torch.Tensor  # the next decoder input: accepted samples + fresh noise
+    accepted: torch.Tensor  # bool: positions whose sample was accepted this step
+    entropy: torch.Tensor  # fp32 per-position entropy of the temperature-scaled logits
+    done: torch.Tensor  # bool [B]: rows stopped for this canvas (stable and confident)
+    active: torch.Tensor  # bool [B]: rows that actually advanced this step (not done before, not finished)
+
+
+@dataclass
+class CanvasInfo:
+    index: int
+    tokens: torch.Tensor  # [B, L] committed tokens after EOS/pad rules
+    steps: torch.Tensor  # [B] denoising steps each row used on this canvas
+    finished: torch.Tensor  # [B] rows that have produced EOS (now or before)
+
+
+@dataclass
+class GenerateOutput:
+    sequences: torch.Tensor  # [B, prompt + generated] (prompt left padding kept)
+    tokens_per_forward: torch.Tensor  # [B] float: non-pad new tokens / decoder passes of that row
+    steps_per_canvas: list[list[int]] = field(default_factory=list)  # per row, steps used on each canvas
+    revisions: torch.Tensor | None = None  # [B]: accepted tokens later replaced by a different accepted token
+    finish_reasons: list[str] = field(default_factory=list)  # per row: "eos", "stop" or "length"
+    num_canvases: int = 0
+
+
+@torch.no_grad()
+def generate(
+    backbone: Backbone,
+    input_ids: torch.Tensor,
+    gcfg: GenerationConfig,
+    canvas_length: int,
+    attention_mask: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    on_step: Callable[[StepInfo], None] | None = None,
+    on_canvas: Callable[[CanvasInfo], None | bool] | None = None,
+) -> GenerateOutput:
+    """Run the reference algorithm on a (left-padded) batch. `gcfg` must be resolved (`GenerationConfig.merged`).
+
+    `on_canvas` may return True to request that generation stop after this canvas (used for stop strings)."""
+    dev = backbone.device
+    input_ids = input_ids.to(dev)
+    B, P0 = input_ids.shape
+    L, V = canvas_length, backbone.cfg.vocab_size
+    N = gcfg.max_denoising_steps
+    n_canvases = math.ceil(gcfg.max_new_tokens / L)
+    eos, pad = gcfg.eos_ids, gcfg.pad_token_id
+    am = torch.ones(B, P0, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask.to(dev).bool()
+
+    cache = backbone.new_cache(B, P0 + n_canvases * L)
+    stopper = sampling.StableConfidentStop(gcfg.stability_threshold, gcfg.confidence_threshold)
+    finished = torch.zeros(B, dtype=torch.bool, device=dev)
+    passes = torch.zeros(B, dtype=torch.int32, device=dev)
+    revisions = torch.zeros(B, dtype=torch.long, device=dev)
+    steps_per_canvas: list[list[int]] = [[] for _ in range(B)]
+    pieces = [input_ids]
+    to_encode, enc_mask = input_ids, am
+    stop_requested = False
+    c = 0
+    for c in range(n_canvases):
+        backbone.encode(to_encode, cache, enc_mask)
+        canvas = sampling.noise((B, L), V, generator, dev)
+        draft = canvas
+        sc = None  # soft embeddings [B, L, H]; None = zero signal
+        h_prev = torch.zeros(B, L, device=dev)
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        last_acc = torch.full((B, L), -1, dtype=torch.long, device=dev)
+        block_steps = torch.zeros(B, dtype=torch.int32, device=dev)
+        stopper.reset()
+        for step, n in enumerate(range(N, 0, -1), start=1):
+            active = ~(done | finished)
+            passes += active
+            block_steps += active
+            raw = backbone.denoise(canvas, cache, sc)
+            T = sampling.temperature(n, N, gcfg.t_min, gcfg.t_max, dev)
+            z = raw / T
+            probs = torch.softmax(z, dim=-1, dtype=torch.float32)
+            samp = sampling.sample(probs, generator)
+            del probs
+            amax = torch.argmax(z, dim=-1)
+            h = sampling.entropy(z)
+            acc = sampling.entropy_bound_accept(h, gcfg.entropy_bound)
+            new = torch.where(acc, samp, sampling.noise((B, L), V, generator, dev))
+            changed = acc & (last_acc >= 0) & (samp != last_acc) & active[:, None]
+            revisions += changed.sum(-1)
+            last_acc = torch.where(acc & active[:, None], samp, last_acc)
+            sc_new = backbone.soft_embed(z)
+            del z
+            if bool(done.any()):  # frozen rows keep canvas, argmax and self-conditioning (spec §4.2)
+                keep = done[:, None]
+                amax = torch.where(keep, draft, amax)
+                new = torch.where(keep, canvas, new)
+                h = torch.where(keep, h_prev, h)
+                sc_new = torch.where(keep[:, :, None], sc, sc_new)
+            done = done | stopper(amax, h)
+            canvas, draft, sc, h_prev = new, amax, sc_new, h
+            if on_step is not None:
+                on_step(StepInfo(c, step, n, float(T), draft, canvas, acc, h, done.clone(), active))
+            if bool(done.all()):
+                break
+        for b, s in enumerate(block_steps.tolist()):
+            steps_per_canvas[b].append(s)
+        committed, finished = sampling.finalize_canvas(draft, finished, eos, pad)
+        pieces.append(committed)
+        if on_canvas is not None:
+            stop_requested = bool(on_canvas(CanvasInfo(c, committed, block_steps, finished.clone())))
+        if bool(finished.all()) or stop_requested:
+            break
+        to_encode, enc_mask = committed, torch.ones(B, L, dtype=torch.bool, device=dev)
+
+    seq = torch.cat(pieces, dim=1)
+    new_tokens = seq[:, P0:]
+    valid = (new_tokens != pad).sum(-1) if pad is not None else torch.full((B,), new_tokens.shape[1], device=dev)
+    return GenerateOutput(
+        sequences=seq, tokens_per_forward=valid / passes, steps_per_canvas=steps_per_canvas,
+        revisions=revisions, finish_reasons=["eos" if f else "length" for f in finished.tolist()],
+        num_canvases=c + 1,
+    )

@@ -1,0 +1,4 @@
+from .backbone import Backbone
+from .cache import KVCache
+
+__all__ = ["Backbone", "KVCache"]

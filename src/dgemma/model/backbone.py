@@ -1,0 +1,170 @@
+"""The DiffusionGemma text backbone: one weight set, two modes (spec §3).
+
+`encode()` is causal and the only writer of the KV cache; `denoise()` is bidirectional over
+[cached prefix ; canvas] and never writes it. Parameter names equal the HF decoder keys minus `model.decoder.`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import SLIDING, TextConfig
+from .cache import KVCache
+from .layers import Layer, RMSNorm, gelu_tanh, rms_norm_noscale, rope_cos_sin, rope_inv_freq
+
+
+class Embedding(nn.Module):
+    def __init__(self, vocab: int, hidden: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab, hidden))
+
+
+class SelfConditioning(nn.Module):
+    """Decoder-only input block (spec §3.3): x0 = RMSNorm∅(embed + MLP(RMSNorm_pre(s)))."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.pre_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.eps = cfg.rms_norm_eps
+
+    def forward(self, e: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
+        if s is None:  # zero signal: MLP(pre_norm(0)) is exactly 0, so skip it
+            return rms_norm_noscale(e, self.eps)
+        n = self.pre_norm(s)
+        return rms_norm_noscale(e + self.down_proj(gelu_tanh(self.gate_proj(n)) * self.up_proj(n)), self.eps)
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([Layer(cfg, i) for i in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_conditioning = SelfConditioning(cfg)
+        self.softcap = cfg.final_logit_softcapping
+        # RoPE inverse frequencies per layer type (each type has its own head dim, spec §2.3)
+        self._inv_freq: dict[str, torch.Tensor] = {}
+        for t in sorted(set(cfg.layer_types)):
+            i = cfg.layer_types.index(t)
+            self._inv_freq[t] = rope_inv_freq(cfg.rope_parameters[t], cfg.layer_head_dim(i))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def embed_scale(self) -> torch.Tensor:
+        """√H as an fp32 scalar cast to the model dtype (53.0 in bf16 for H=2816, spec §1.3)."""
+        return torch.tensor(math.sqrt(self.cfg.hidden_size), dtype=torch.float32).to(self.dtype)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.embed_tokens.weight) * self.embed_scale().to(ids.device)
+
+    def _rope(self, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {t: rope_cos_sin(f, positions, self.dtype) for t, f in self._inv_freq.items()}
+
+    def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
+        """bool [B, Sq, Sk] -> additive mask [B, 1, Sq, Sk] (0 or dtype-min, as the reference's eager path)."""
+        m = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device)
+        m.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        return m[:, None]
+
+    # ----------------------------------------------------------------------------------------------------------
+    def encode(self, ids: torch.Tensor, cache: KVCache, attention_mask: torch.Tensor | None = None,
+               final_norm: bool = False) -> torch.Tensor:
+        """Causal pass over new tokens `ids` [B, S] at positions [P, P+S); appends their K/V to `cache`.
+
+        attention_mask [B, S] marks real (True) vs padding (False) tokens among the new ones."""
+        B, S = ids.shape
+        P = cache.length
+        cache.reserve(S)
+        dev = ids.device
+        cache.valid[:, P:P + S] = True if attention_mask is None else attention_mask.to(torch.bool)
+        pos = torch.arange(P, P + S, device=dev)
+        rope = self._rope(pos)
+        # masks per layer type over keys [lo, P+S): j <= i, valid[j], and j > i - W on sliding layers
+        masks: dict[str, torch.Tensor] = {}
+        for t in set(self.cfg.layer_types):
+            layer = self.cfg.layer_types.index(t)
+            lo = cache.start(layer, P)
+            j = torch.arange(lo, P + S, device=dev)
+            allowed = j[None, :] <= pos[:, None]
+            if t == SLIDING:
+                allowed = allowed & (j[None, :] > pos[:, None] - self.cfg.sliding_window)
+            allowed = allowed[None] & cache.valid[:, None, lo:P + S]
+            masks[t] = self._additive(allowed)
+        x = self.embed(ids)
+        for li, layer in enumerate(self.layers):
+            t = self.cfg.layer_types[li]
+            attn = layer.self_attn
+            q, k, v = attn.qkv(layer.input_layernorm(x), *rope[t])
+            cache.keys[li][:, :, P:P + S] = k
+            cache.values[li][:, :, P:P + S] = v
+            lo = cache.start(li, P)
+            a = attn.attend(q, cache.keys[li][:, :, lo:P + S], cache.values[li][:, :, lo:P + S], masks[t])
+            x = x + layer.post_attention_layernorm(a)
+            x = layer.ffn(x) * layer.enc_layer_scalar
+        cache.length = P + S
+        return self.norm(x) if final_norm else x
+
+    def soft_embed(self, z: torch.Tensor) -> torch.Tensor:
+        """Self-conditioning signal (spec §3.3): softmax(z) · E · √H, with z cast to the model dtype first.
+        Returns [B, L, H]: this is all a request needs to keep between steps, not its [L, V] logits."""
+        p = torch.softmax(z.to(self.dtype), dim=-1, dtype=torch.float32).to(self.dtype)
+        return torch.matmul(p, self.embed_tokens.weight) * self.embed_scale().to(z.device)
+
+    def denoise(self, canvas: torch.Tensor, cache: KVCache, sc: torch.Tensor | None = None,
+                sc_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Bidirectional pass over `canvas` [B, L] reading the cache; returns fp32 logits [B, L, V].
+
+        sc: soft embeddings [B, L, H] from `soft_embed` (None on the first step); sc_mask [B] zeroes it per row."""
+        B, L = canvas.shape
+        P = cache.length
+        dev = canvas.device
+        rope = self._rope(torch.arange(P, P + L, device=dev))
+        masks: dict[str, torch.Tensor | None] = {}
+        for t in set(self.cfg.layer_types):
+            lo = cache.start(self.cfg.layer_types.index(t), P)
+            prefix = cache.valid[:, lo:P]
+            if bool(prefix.all()):
+                masks[t] = None  # no padding: no mask at all (as the reference)
+            else:
+                allowed = torch.cat([prefix, prefix.new_ones(B, L)], dim=1)[:, None, :].expand(B, L, P - lo + L)
+                masks[t] = self._additive(allowed)
+        if sc is not None and sc_mask is not None:
+            sc = sc * sc_mask.to(sc.dtype)[:, None, None]
+        x = self.self_conditioning(self.embed(canvas), sc)
+        for li, layer in enumerate(self.layers):
+            t = self.cfg.layer_types[li]
+            attn = layer.self_attn
+            q, k, v = attn.qkv(layer.input_layernorm(x), *rope[t])
+            lo = cache.start(li, P)
+            kk = torch.cat([cache.keys[li][:, :, lo:P], k], dim=2)
+            vv = torch.cat([cache.values[li][:, :, lo:P], v], dim=2)
+            a = attn.attend(q, kk, vv, masks[t])
+            x = x + layer.post_attention_layernorm(a)
+            x = layer.ffn(x) * layer.layer_scalar
+        return self.logits(x)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm, tied head on the raw embedding, fp32, softcap (spec §2.9)."""
+        out = F.linear(self.norm(x), self.embed_tokens.weight).float()
+        if self.softcap:
+            out = torch.tanh(out / self.softcap) * self.softcap
+        return out
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        return KVCache(self.cfg, batch, capacity, self.dtype, self.device)
+
+

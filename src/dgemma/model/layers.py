@@ -1,0 +1,234 @@
+"""Building blocks of the Gemma 4 MoE layer (spec §2). Parameter names match the HF decoder keys.
+
+Numerics follow the reference op for op where it matters for bit-parity: RMSNorm in fp32 with `pow(-0.5)`,
+eager attention with an fp32 softmax, fp32 router, experts summed over the top-k slots in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import TextConfig
+
+
+class RMSNorm(nn.Module):
+    """`x · (mean(x²) + ε)^-½ · w` in fp32, cast back (spec §2.1). The scale is `w`, not `1 + w`."""
+
+    def __init__(self, dim: int, eps: float, with_scale: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+        if self.weight is not None:
+            h = h * self.weight.float()
+        return h.type_as(x)
+
+
+def rms_norm_noscale(x: torch.Tensor, eps: float) -> torch.Tensor:
+    h = x.float()
+    return (h * torch.pow(h.pow(2).mean(-1, keepdim=True) + eps, -0.5)).type_as(x)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def rope_inv_freq(params: dict, head_dim: int) -> torch.Tensor:
+    """Inverse frequencies (spec §2.3). `proportional` rotates only the first `int(p·d//2)` pairs, with the
+    exponent over the full head dim; the remaining frequencies are 0 (those dimensions pass through)."""
+    base = float(params["rope_theta"])
+    if params.get("rope_type", "default") == "proportional":
+        r = int(params.get("partial_rotary_factor", 1.0) * head_dim // 2)
+        rotated = 1.0 / (base ** (torch.arange(0, 2 * r, 2, dtype=torch.int64, device="cpu").float() / head_dim))
+        inv = torch.cat([rotated, torch.zeros(head_dim // 2 - r, device="cpu")]) if head_dim // 2 > r else rotated
+        return inv / float(params.get("factor", 1.0))
+    return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float, device="cpu") / head_dim))
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions [S] (int) -> cos, sin [S, d] in `dtype` (angles in fp32, cast after, as the reference)."""
+    freqs = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, S, heads, d]; half-split rotation `x·cos + rot(x)·sin`, rot([a, b]) = [-b, a]."""
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    a, b = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-b, a), dim=-1) * sin
+
+
+class MLP(nn.Module):
+    """Gated GELU-tanh MLP (spec §2.4): down(gelu(gate(x)) ⊙ up(x))."""
+
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Attention(nn.Module):
+    """q/k/v norms, RoPE, scale 1.0, GQA; full layers have no v_proj (V = k_proj output, weightless norm)."""
+
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        H = cfg.hidden_size
+        self.n_heads = cfg.num_attention_heads
+        self.head_dim = cfg.layer_head_dim(layer)
+        self.n_kv = cfg.layer_kv_heads(layer)
+        self.eps = cfg.rms_norm_eps
+        self.q_proj = nn.Linear(H, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(H, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = None if cfg.is_full(layer) else nn.Linear(H, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, H, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+
+    def qkv(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """h [B,S,H] (already input-normed) -> q [B,nh,S,d], k, v [B,g,S,d] (k post-norm post-RoPE, v normed)."""
+        B, S, _ = h.shape
+        q = self.q_proj(h).view(B, S, self.n_heads, self.head_dim)
+        q = apply_rope(self.q_norm(q), cos, sin).transpose(1, 2)
+        k_raw = self.k_proj(h).view(B, S, self.n_kv, self.head_dim)
+        v_raw = self.v_proj(h).view(B, S, self.n_kv, self.head_dim) if self.v_proj is not None else k_raw
+        k = apply_rope(self.k_norm(k_raw), cos, sin).transpose(1, 2)
+        v = rms_norm_noscale(v_raw, self.eps).transpose(1, 2)
+        return q, k, v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Eager attention: softmax(q kᵀ · 1.0 + mask) v, softmax in fp32. mask: additive [B,1,Sq,Sk] or None."""
+        rep = self.n_heads // self.n_kv
+        if rep > 1:  # repeat-interleave order: query head j uses KV head j // rep
+            B, g, S, d = k.shape
+            k = k[:, :, None].expand(B, g, rep, S, d).reshape(B, g * rep, S, d)
+            v = v[:, :, None].expand(B, g, rep, S, d).reshape(B, g * rep, S, d)
+        w = torch.matmul(q, k.transpose(2, 3))
+        if mask is not None:
+            w = w + mask
+        w = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+        out = torch.matmul(w, v).transpose(1, 2).contiguous()
+        return self.o_proj(out.reshape(out.shape[0], out.shape[1], -1))
+
+
+class Router(nn.Module):
+    """Top-k routing from the un-normalised residual (spec §2.6). Weights stay fp32."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        H = cfg.hidden_size
+        self.eps = cfg.rms_norm_eps
+        self.top_k = cfg.top_k_experts
+        self.root = H ** -0.5
+        self.proj = nn.Linear(H, cfg.num_experts, bias=False)
+        self.scale = nn.Parameter(torch.ones(H))
+        self.per_expert_scale = nn.Parameter(torch.ones(cfg.num_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = rms_norm_noscale(x, self.eps) * self.scale * self.root
+        probs = F.softmax(self.proj(h), dim=-1, dtype=torch.float32)
+        w, idx = torch.topk(probs, k=self.top_k, dim=-1)
+        w = w / w.sum(dim=-1, keepdim=True)
+        return w * self.per_expert_scale[idx], idx
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """x [S, in] sorted by expert; w [E, in, out]; offs = cumulative counts (int32). One GEMM per expert group."""
+    if hasattr(F, "grouped_mm"):
+        try:
+            return F.grouped_mm(x, w, offs=offs)
+        except RuntimeError:
+            pass  # unsupported dtype/alignment/device for the fused kernel: loop below
+    out = x.new_empty(x.shape[0], w.shape[2])
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            torch.mm(x[start:start + n], w[e], out=out[start:start + n])
+            start += n
+    return out
+
+
+class Experts(nn.Module):
+    """E gated experts as 3-D tensors (spec §2.7): gate_up [E, 2·Ie, H] (gate rows first), down [E, H, Ie].
+
+    Tokens are sorted by expert and each expert runs one GEMM over its tokens; slot outputs are weighted and
+    summed over the K slots in fp32, then cast once (HF's default grouped_mm numerics)."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        E, H, Ie = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.num_experts = E
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * Ie, H))
+        self.down_proj = nn.Parameter(torch.empty(E, H, Ie))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        T, K = idx.shape
+        flat = idx.reshape(-1)
+        sorted_ids, perm = torch.sort(flat)
+        xs = x[perm // K]
+        counts_t = torch.bincount(sorted_ids, minlength=self.num_experts)
+        offs = torch.cumsum(counts_t, 0, dtype=torch.int32)
+        counts = counts_t.tolist()
+        u = grouped_mm(xs, self.gate_up_proj.transpose(-2, -1), offs, counts)
+        gate, up = u.chunk(2, dim=-1)
+        y = grouped_mm(gelu_tanh(gate) * up, self.down_proj.transpose(-2, -1), offs, counts)
+        y = y * weights.reshape(-1)[perm].unsqueeze(-1)  # fp32 (weights are fp32)
+        out = torch.empty_like(y)
+        out[perm] = y
+        return out.view(T, K, -1).sum(dim=1).to(x.dtype)
+
+
+class Layer(nn.Module):
+    """One layer (spec §2.8): attention, then dense MLP and MoE in parallel, then `layer_scalar` on the stream.
+
+    Encoder and decoder run this same module; only the layer scalar differs (`enc_layer_scalar` for the encoder)."""
+
+    NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+             "post_feedforward_layernorm", "post_feedforward_layernorm_1", "post_feedforward_layernorm_2",
+             "pre_feedforward_layernorm_2")
+
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        self.self_attn = Attention(cfg, layer)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.router = Router(cfg)
+        self.experts = Experts(cfg)
+        for n in self.NORMS:
+            setattr(self, n, RMSNorm(cfg.hidden_size, cfg.rms_norm_eps))
+        self.register_buffer("layer_scalar", torch.ones(1))
+        self.register_buffer("enc_layer_scalar", torch.ones(1))
+
+    def ffn(self, x: torch.Tensor) -> torch.Tensor:
+        """Everything after attention; x is the residual stream after the attention add."""
+        h1 = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
+        flat = x.reshape(-1, x.shape[-1])
+        w, idx = self.router(flat)
+        h2 = self.experts(self.pre_feedforward_layernorm_2(flat), w, idx).reshape(x.shape)
+        h2 = self.post_feedforward_layernorm_2(h2)
+        return x + self.post_feedforward_layernorm(h1 + h2)
+
+
+def init_weights(module: nn.Module, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+    """Random init for fresh checkpoints: N(0, std) for matrices, ones for norms, scales and layer scalars."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
+            else:
+                p.fill_(1.0)
+        for name, b in module.named_buffers():
+            if name.endswith("layer_scalar"):
+                b.fill_(1.0)
+
+
+__all__ = ["RMSNorm", "MLP", "Attention", "Router", "Experts", "Layer", "rope_inv_freq", "rope_cos_sin",
+           "apply_rope", "rms_norm_noscale", "gelu_tanh", "init_weights"]
