@@ -14,6 +14,8 @@ from .errors import CheckpointError, DGemmaError, UnsupportedInputError
 from .generate import CanvasInfo, GenerateOutput, StepInfo, generate
 from .model import Backbone
 
+UNSET: Any = type("Unset", (), {"__repr__": lambda self: "UNSET"})()
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -85,14 +87,17 @@ class DiffusionGemma:
         t_max: float | None = None,
         stability_threshold: int | None = None,
         confidence_threshold: float | None = None,
-        eos_token_id: int | list[int] | None = None,
-        pad_token_id: int | None = None,
+        eos_token_id: Any = UNSET,
+        pad_token_id: Any = UNSET,
         trim: bool = False,
         stop: str | Sequence[str] | None = None,
         on_step: Callable[[StepInfo], None] | None = None,
         on_canvas: Callable[[CanvasInfo], None] | None = None,
     ) -> GenerateOutput:
         """Generate with the reference's block-diffusion sampler.
+
+        Sampler settings left as None come from the checkpoint's generation_config.json, then the reference
+        defaults. `eos_token_id` / `pad_token_id`: omitted = the checkpoint's; an explicit None disables them.
 
         With default settings (no `trim`, no `stop`), `generate(ids, seed=s)` returns exactly the tokens of
         `torch.manual_seed(s); reference.generate(ids)`: whole canvases, padded after EOS.
@@ -107,7 +112,13 @@ class DiffusionGemma:
         gcfg = self.resolve_generation_config(
             max_new_tokens=max_new_tokens, max_denoising_steps=max_denoising_steps, entropy_bound=entropy_bound,
             t_min=t_min, t_max=t_max, stability_threshold=stability_threshold,
-            confidence_threshold=confidence_threshold, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+            confidence_threshold=confidence_threshold)
+        # As in the reference, an explicit eos/pad of None disables EOS stopping / padding; omitted = checkpoint's.
+        if eos_token_id is not UNSET:
+            gcfg.eos_token_id = eos_token_id
+        if pad_token_id is not UNSET:
+            gcfg.pad_token_id = pad_token_id
+        gcfg.validate()
         if generator is None:
             generator = torch.Generator(device=self.device)
             if seed is None:
@@ -151,7 +162,11 @@ class DiffusionGemma:
         return out
 
     def _as_batch(self, input_ids: Any) -> torch.Tensor:
-        ids = torch.as_tensor(input_ids)
+        try:
+            ids = torch.as_tensor(input_ids)
+        except (ValueError, TypeError, RuntimeError):
+            raise DGemmaError("input_ids must be a rectangular batch of integer token ids; pad rows to one "
+                              "length (left padding) and pass an attention_mask") from None
         if ids.dim() == 1:
             ids = ids[None]
         if ids.dim() != 2 or ids.shape[1] == 0 or ids.dtype in (torch.float16, torch.float32, torch.float64,
@@ -217,6 +232,8 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None,
     gen_path = d / "generation_config.json"
     gcfg = GenerationConfig.from_file(gen_path) if gen_path.is_file() else GenerationConfig(
         eos_token_id=config.text.eos_token_id, pad_token_id=config.text.pad_token_id)
+    if dtype is None and config.dtype not in DTYPES:
+        dtype = checkpoint.stored_dtype(d)
     tdtype = resolve_dtype(dtype, config.dtype if config.dtype in DTYPES else None)
     dev = resolve_device(device)
     with torch.device("meta"):

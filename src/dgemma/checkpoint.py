@@ -77,9 +77,12 @@ class SafetensorsFile:
         self.records: dict[str, TensorRecord] = {}
         for key, info in header.items():
             try:
-                dtype_name, shape, (b, e) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+                dtype_name, shape, (b, e) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+                if not all(type(x) is int for x in (*shape, b, e)):
+                    raise TypeError
             except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{path}: corrupt header entry for tensor '{key}'") from None
+                raise CheckpointError(f"{path}: corrupt header entry for tensor '{key}' (expected dtype, integer "
+                                      "shape and integer data_offsets)") from None
             if dtype_name not in SAFETENSORS_DTYPES:
                 raise CheckpointError(f"{path}: tensor '{key}' has unsupported dtype {dtype_name}")
             dtype = SAFETENSORS_DTYPES[dtype_name]
@@ -196,6 +199,13 @@ def dgemma_name(key: str) -> str | None:
             return rest[: -len("layer_scalar")] + "enc_layer_scalar"
         return rest  # untied encoder copy of a shared weight: maps onto the decoder's (spec §5.1)
     return ""  # unexpected
+
+
+def stored_dtype(ckpt_dir: Path) -> torch.dtype:
+    """The dtype the embedding is stored in (what `load(dtype=None)` uses when config.json names none)."""
+    records, _ = open_weights(ckpt_dir)
+    rec = records.get(DECODER + "embed_tokens.weight")
+    return rec.dtype if rec is not None and rec.dtype.is_floating_point else torch.float32
 
 
 def read_state_dict(ckpt_dir: Path, cfg: TextConfig, dtype: torch.dtype,

@@ -56,15 +56,34 @@ class TextConfig:
     # Per-layer overrides resolved from either config form: layer index -> {"head_dim", "num_key_value_heads"}.
     per_layer_config: dict[int, dict[str, int]] = field(default_factory=dict)
 
+    INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_experts",
+                  "top_k_experts", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                  "global_head_dim", "sliding_window")
+
     def __post_init__(self) -> None:
+        for name in self.INT_FIELDS:
+            v = getattr(self, name)
+            if name in ("num_experts", "top_k_experts", "moe_intermediate_size") and v is None:
+                raise ConfigError(f"text_config.{name} is missing; DiffusionGemma always has a MoE block")
+            if not _is_int(v) or v <= 0:
+                raise ConfigError(f"text_config.{name}={v!r} is invalid; expected a positive integer")
+        if self.num_global_key_value_heads is not None and (
+                not _is_int(self.num_global_key_value_heads) or self.num_global_key_value_heads <= 0):
+            raise ConfigError(f"text_config.num_global_key_value_heads={self.num_global_key_value_heads!r} is "
+                              "invalid; expected a positive integer or null")
+        if not _is_num(self.rms_norm_eps) or self.rms_norm_eps <= 0:
+            raise ConfigError(f"text_config.rms_norm_eps={self.rms_norm_eps!r} is invalid; expected a number > 0")
+        if self.final_logit_softcapping is not None and not _is_num(self.final_logit_softcapping):
+            raise ConfigError(f"text_config.final_logit_softcapping={self.final_logit_softcapping!r} is invalid; "
+                              "expected a number or null")
         if not self.layer_types:
             self.layer_types = [FULL if (i + 1) % 6 == 0 else SLIDING for i in range(self.num_hidden_layers)]
-        self.layer_types = list(self.layer_types)
-        if len(self.layer_types) != self.num_hidden_layers:
+        if not isinstance(self.layer_types, (list, tuple)) or len(self.layer_types) != self.num_hidden_layers:
             raise ConfigError(
                 f"text_config.layer_types has {len(self.layer_types)} entries but num_hidden_layers is "
                 f"{self.num_hidden_layers}; expected one layer type per layer"
             )
+        self.layer_types = list(self.layer_types)
         bad = sorted(set(self.layer_types) - {SLIDING, FULL})
         if bad:
             raise ConfigError(f"text_config.layer_types contains {bad}; expected only '{SLIDING}' or '{FULL}'")
@@ -75,10 +94,7 @@ class TextConfig:
                 override["num_key_value_heads"] = self.num_global_key_value_heads
             self.per_layer_config = {i: dict(override) for i, t in enumerate(self.layer_types) if t == FULL}
         else:
-            self.per_layer_config = {int(k): dict(v) for k, v in self.per_layer_config.items()}
-        for name in ("num_experts", "top_k_experts", "moe_intermediate_size"):
-            if getattr(self, name) is None:
-                raise ConfigError(f"text_config.{name} is missing; DiffusionGemma always has a MoE block")
+            self.per_layer_config = self._parse_per_layer(self.per_layer_config)
         if not 0 < self.top_k_experts <= self.num_experts:
             raise ConfigError(
                 f"text_config.top_k_experts={self.top_k_experts} must be between 1 and num_experts={self.num_experts}"
@@ -107,6 +123,20 @@ class TextConfig:
                     f"layer {i}: num_attention_heads={self.num_attention_heads} is not a multiple of its "
                     f"{self.layer_kv_heads(i)} key/value heads"
                 )
+
+    def _parse_per_layer(self, plc: Any) -> dict[int, dict[str, int]]:
+        if not isinstance(plc, dict):
+            raise ConfigError("text_config.per_layer_config must be an object of layer index -> overrides")
+        out: dict[int, dict[str, int]] = {}
+        for k, v in plc.items():
+            if not str(k).isdigit() or not 0 <= int(k) < self.num_hidden_layers:
+                raise ConfigError(f"text_config.per_layer_config has key {k!r}; expected a layer index in "
+                                  f"[0, {self.num_hidden_layers})")
+            if not isinstance(v, dict) or not all(_is_int(x) and x > 0 for x in v.values()):
+                raise ConfigError(f"text_config.per_layer_config[{k!r}]={v!r}; expected an object of positive "
+                                  "integers (head_dim, num_key_value_heads)")
+            out[int(k)] = dict(v)
+        return out
 
     # -- per-layer geometry (spec §1.3) --
     def is_full(self, i: int) -> bool:
