@@ -12,8 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
-
 TINY_VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                    num_key_value_heads=2, head_dim=8, position_embedding_size=64, patch_size=4, pooling_kernel_size=1)
 
@@ -82,6 +80,7 @@ def to_released_config_form(ckpt: Path) -> None:
 @pytest.fixture(scope="session")
 def ckpt_factory(tmp_path_factory):
     """ckpt_factory(variant, dtype=torch.float32) -> Path, cached per session."""
+    pytest.importorskip("transformers")
     made: dict[tuple, Path] = {}
 
     def make(variant: str = "spec", dtype: torch.dtype = torch.float32, released_form: bool = False) -> Path:
@@ -103,6 +102,7 @@ def load_reference():
 
     Note: the reference's `generate` crashes with eager attention when an attention_mask is passed (its decoder
     mask is built from a Long dummy tensor and the eager mask path calls finfo on it); use attn="sdpa" there."""
+    pytest.importorskip("transformers")
     from transformers import DiffusionGemmaForBlockDiffusion
 
     cache: dict[tuple, object] = {}

@@ -156,8 +156,9 @@ class DiffusionGemma:
         if trim:
             out.sequences = out.sequences[:, : P0 + gcfg.max_new_tokens]
             new = out.sequences[:, P0:]
+            eos_t = torch.tensor(gcfg.eos_ids, device=new.device)
             for b in range(ids.shape[0]):
-                if out.finish_reasons[b] == "eos" and not bool(torch.isin(new[b], torch.tensor(gcfg.eos_ids)).any()):
+                if out.finish_reasons[b] == "eos" and not bool(torch.isin(new[b], eos_t).any()):
                     out.finish_reasons[b] = "length"  # the EOS lay beyond max_new_tokens
         return out
 
@@ -223,8 +224,11 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None,
     dtype: None = the checkpoint's dtype; device: None = CUDA if available else CPU. Weights are memory-mapped and
     converted tensor by tensor; vision weights are skipped (dgemma is text-only)."""
     d = Path(path)
-    if not d.is_dir():
+    if not d.exists():
         raise CheckpointError(f"{d}: checkpoint directory not found")
+    if not d.is_dir():
+        raise CheckpointError(f"{d} is a file; expected an HF-format checkpoint directory (config.json, "
+                              "model.safetensors, tokenizer.json)")
     cfg_path = d / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"{d}: missing config.json (expected an HF-format DiffusionGemma checkpoint directory)")
@@ -253,10 +257,10 @@ def save_model(model: DiffusionGemma, out_dir: Path, dtype: str | torch.dtype | 
                max_shard_bytes: int = 5 * 1024**3) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     tdtype = resolve_dtype(dtype, None) if dtype is not None else model.dtype
-    tensors: dict[str, torch.Tensor] = {}
-    for name, t in list(model.backbone.named_parameters()) + list(model.backbone.named_buffers()):
-        tensors[checkpoint.hf_key(name)] = t.detach().to(tdtype)
-    checkpoint.write_weights(out_dir, tensors, max_shard_bytes)
+    tensors = {checkpoint.hf_key(n): t for n, t in
+               list(model.backbone.named_parameters()) + list(model.backbone.named_buffers())}
+    sizes = {k: t.numel() * tdtype.itemsize for k, t in tensors.items()}
+    checkpoint.write_weights(out_dir, sizes, lambda k: tensors[k].detach().to(tdtype), max_shard_bytes)
     cfg = model.config.to_dict()
     cfg["dtype"] = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[tdtype]
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")

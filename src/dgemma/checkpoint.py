@@ -14,7 +14,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -273,28 +273,40 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     os.replace(tmp, path)
 
 
-def write_weights(out_dir: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int = 5 * 1024**3) -> None:
-    """Write HF-keyed tensors as model.safetensors, or as shards plus model.safetensors.index.json."""
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
+def plan_shards(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
+    """Group keys (in name order) into shards of at most `max_shard_bytes` (a lone larger tensor gets its own)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key in sorted(sizes):
+        if shards[-1] and size + sizes[key] > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += sizes[key]
+    return shards
+
+
+def write_weights(out_dir: Path, sizes: dict[str, int], get: Callable[[str], torch.Tensor],
+                  max_shard_bytes: int = 5 * 1024**3, progress: Callable[[int], None] | None = None) -> None:
+    """Write HF-keyed tensors as model.safetensors, or as shards plus model.safetensors.index.json.
+
+    `sizes` maps each key to its byte size; `get(key)` produces the tensor when its shard is written, so a model
+    larger than RAM can be written one shard at a time. `progress(nbytes)` is called after each shard."""
     for stale in list(out_dir.glob("model*.safetensors")) + [out_dir / "model.safetensors.index.json"]:
         if stale.exists():
             stale.unlink()
-    if total <= max_shard_bytes:
-        write_safetensors(out_dir / "model.safetensors", tensors)
+    shards = plan_shards(sizes, max_shard_bytes)
+    if len(shards) == 1:
+        write_safetensors(out_dir / "model.safetensors", {k: get(k) for k in shards[0]})
+        if progress:
+            progress(sum(sizes.values()))
         return
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key in sorted(tensors):
-        n = tensors[key].numel() * tensors[key].element_size()
-        if shards[-1] and size + n > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = tensors[key]
-        size += n
     weight_map = {}
-    for i, shard in enumerate(shards):
+    for i, keys in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        write_safetensors(out_dir / name, shard)
-        weight_map.update({k: name for k in shard})
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        write_safetensors(out_dir / name, {k: get(k) for k in keys})
+        weight_map.update({k: name for k in keys})
+        if progress:
+            progress(sum(sizes[k] for k in keys))
+    index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": dict(sorted(weight_map.items()))}
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -1,0 +1,42 @@
+# dgemma — the two set-up commands:  `make demo`  and  `make test`.
+# Both create .venv if it is missing. Torch is installed only when the venv lacks it (TORCH selects the wheel;
+# on a CUDA machine with torch already installed system-wide, create the venv yourself or set TORCH).
+
+PYTHON ?= python3
+TORCH  ?= torch==2.13.0
+VENV   := .venv
+BIN    := $(VENV)/bin
+DEMO   := demo-model
+
+.PHONY: demo test install install-test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.torch: | $(BIN)/python
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --disable-pip-version-check -q "$(TORCH)"
+	@touch $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.torch
+	$(BIN)/pip install --disable-pip-version-check -q -e .
+	@touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
+	$(BIN)/pip install --disable-pip-version-check -q -e ".[test]"
+	@touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+# Until a trained model ships, the demo watches a tiny random checkpoint denoise (it converges to noise: the
+# weights are random; what you see is the sampler at work).
+demo: $(VENV)/.installed
+	@test -f $(DEMO)/config.json || $(BIN)/dgemma init --preset tiny $(DEMO)
+	$(BIN)/dgemma generate --model $(DEMO) --chat --watch --seed 0 --max-new-tokens 64 \
+		"Write a haiku about diffusion."
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV) $(DEMO) .pytest_cache

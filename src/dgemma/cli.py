@@ -1,0 +1,648 @@
+"""The `dgemma` command line: `generate`, `info` and `init`.
+
+Every user-facing failure (a `DGemmaError`, or an OSError for a path) is printed as `error: <message>` on stderr
+with exit status 2 and no traceback; Ctrl-C exits with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import secrets
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from . import __version__
+from .config import GenerationConfig, ModelConfig
+from .errors import CheckpointError, ConfigError, DGemmaError
+
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+
+DESCRIPTION = """\
+dgemma: DiffusionGemma in plain PyTorch.
+
+DiffusionGemma is a block text-diffusion model. A causal encoder reads the prompt into a KV cache;
+a bidirectional decoder then refines a "canvas" of L random tokens over up to N denoising steps,
+accepting low-entropy positions and re-noising the rest, and stops early once the canvas is stable
+and confident. The canvas is committed and the next one starts, until EOS or --max-new-tokens.
+"""
+
+EPILOG = """\
+examples:
+  dgemma init --preset tiny ./tiny                     write a small random checkpoint to try things on
+  dgemma info ./tiny                                   summarise a checkpoint (reads config.json only)
+  dgemma generate --model ./tiny "Once upon a time"    complete a prompt
+  dgemma generate --model ./ckpt --chat --watch "Why is the sky blue?"
+  echo "Hello" | dgemma generate --model ./tiny --json --seed 0
+
+run `dgemma COMMAND --help` for the options of each command.
+"""
+
+# GenerationConfig field -> the flag that sets it (to point error messages at the flag).
+FLAG_FOR_FIELD = {
+    "max_new_tokens": "--max-new-tokens", "max_denoising_steps": "--steps", "entropy_bound": "--entropy-bound",
+    "t_min": "--t-min", "t_max": "--t-max", "stability_threshold": "--stability-threshold",
+    "confidence_threshold": "--confidence-threshold",
+}
+
+
+# ===========================================================================================================
+# argument parsing
+# ===========================================================================================================
+def build_parser() -> argparse.ArgumentParser:
+    """The `dgemma` argument parser with its three subcommands."""
+    parser = argparse.ArgumentParser(prog="dgemma", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"dgemma {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    _add_generate(sub)
+    _add_info(sub)
+    _add_init(sub)
+    return parser
+
+
+def _add_generate(sub: Any) -> None:
+    p = sub.add_parser(
+        "generate", help="generate text from a prompt (e.g. dgemma generate --model ./ckpt \"Hello\")",
+        description="Generate a completion of PROMPT with a DiffusionGemma checkpoint. The completion goes to "
+                    "stdout; a stats line (canvases, denoising steps, tokens/forward, tok/s, seed) goes to stderr. "
+                    "Sampler settings not given come from the checkpoint's generation_config.json.",
+        epilog="examples:\n  dgemma generate --model ./ckpt \"Once upon a time\"\n"
+               "  dgemma generate --model ./ckpt --chat --system \"Be brief.\" --watch \"Why is the sky blue?\"\n"
+               "  cat prompt.txt | dgemma generate --model ./ckpt --json --seed 0 > out.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", "-m", required=True, metavar="DIR", help="checkpoint directory (HF format)")
+    p.add_argument("prompt", nargs="?", metavar="PROMPT",
+                   help="the prompt; read from stdin when omitted or '-'")
+    g = p.add_argument_group("prompt format")
+    g.add_argument("--chat", action="store_true",
+                   help="wrap PROMPT as a user message in the checkpoint's chat template")
+    g.add_argument("--system", metavar="TEXT", help="a system message before the user message (implies --chat)")
+    s = p.add_argument_group("sampler (defaults: the checkpoint's generation_config.json)")
+    s.add_argument("--max-new-tokens", type=int, metavar="N", help="tokens to generate (rounded up to whole "
+                   "canvases unless --trim)")
+    s.add_argument("--steps", type=int, metavar="N", dest="max_denoising_steps",
+                   help="maximum denoising steps per canvas")
+    s.add_argument("--entropy-bound", type=float, metavar="X", help="entropy budget for accepting positions")
+    s.add_argument("--t-min", type=float, metavar="T", help="temperature at the last step")
+    s.add_argument("--t-max", type=float, metavar="T", help="temperature at the first step")
+    s.add_argument("--stability-threshold", type=int, metavar="S",
+                   help="steps the argmax canvas must stay unchanged to stop early")
+    s.add_argument("--confidence-threshold", type=float, metavar="X",
+                   help="mean entropy below which a stable canvas stops early")
+    s.add_argument("--seed", type=int, metavar="N", help="random seed (default: random; the seed used is printed)")
+    s.add_argument("--stop", action="append", metavar="STR", default=[],
+                   help="stop at this string (repeatable)")
+    s.add_argument("--trim", action="store_true", help="return exactly --max-new-tokens tokens, not whole canvases")
+    r = p.add_argument_group("runtime")
+    r.add_argument("--dtype", choices=DTYPE_CHOICES, help="compute dtype (default: the checkpoint's)")
+    r.add_argument("--device", metavar="DEV", help="e.g. cpu, cuda, cuda:1 (default: cuda if available)")
+    o = p.add_argument_group("output")
+    o.add_argument("--json", action="store_true", help="print one JSON object with the completion and stats")
+    o.add_argument("--watch", action="store_true", help="show each canvas converging live (on stderr)")
+    o.add_argument("--quiet", "-q", action="store_true", help="no stats line or progress messages")
+    p.set_defaults(func=cmd_generate)
+
+
+def _add_info(sub: Any) -> None:
+    p = sub.add_parser(
+        "info", help="summarise a checkpoint without loading its weights (e.g. dgemma info ./ckpt)",
+        description="Summarise a checkpoint from its config.json: architecture, parameter counts, weight and KV "
+                    "cache memory, generation defaults. Weights are not loaded, so this is instant.")
+    p.add_argument("dir", metavar="DIR", help="checkpoint directory")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_info)
+
+
+def _add_init(sub: Any) -> None:
+    from .presets import PRESETS
+
+    p = sub.add_parser(
+        "init", help="write a randomly initialised checkpoint (e.g. dgemma init --preset tiny ./tiny)",
+        description="Write a randomly initialised checkpoint of a preset architecture (config, generation config, "
+                    "weights, tokenizer) that dgemma and transformers load. Useful for tests and benchmarks; "
+                    "the model produces noise.")
+    p.add_argument("--preset", required=True, choices=list(PRESETS), help="architecture preset")
+    p.add_argument("out", metavar="OUT", help="output directory (must be empty or missing unless --force)")
+    p.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, help="weight dtype (default: the preset's)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty OUT, replacing its checkpoint")
+    p.set_defaults(func=cmd_init)
+
+
+# ===========================================================================================================
+# entry point
+# ===========================================================================================================
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `dgemma` command; returns the exit status (0 ok, 2 usage or user error, 130 interrupted)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, usage errors (argparse already printed "error: ...")
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `dgemma generate ... | head -c 10`
+        _silence_stdout()
+        return 1
+    except DGemmaError as e:
+        return _fail(str(e))
+    except OSError as e:
+        return _fail(_os_error_message(e))
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def _os_error_message(e: OSError) -> str:
+    if e.filename is not None and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    return str(e)
+
+
+def _silence_stdout() -> None:
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+# ===========================================================================================================
+# shared helpers
+# ===========================================================================================================
+def checkpoint_dir(path: str) -> Path:
+    """The checkpoint directory `path`, or a DGemmaError saying why it is not one."""
+    d = Path(path)
+    if not d.exists():
+        raise CheckpointError(f"{d}: no such directory; expected a checkpoint directory (config.json, "
+                              "*.safetensors, tokenizer.json)")
+    if not d.is_dir():
+        raise CheckpointError(f"{d}: is a file, not a checkpoint directory (expected a directory with "
+                              "config.json and *.safetensors)")
+    if not (d / "config.json").is_file():
+        raise CheckpointError(f"{d}: not a checkpoint directory (no config.json)")
+    return d
+
+
+def checkpoint_generation_config(d: Path, config: ModelConfig | None = None) -> tuple[GenerationConfig, bool]:
+    """The checkpoint's generation config (or one built from config.json, as `dgemma.load` does) and whether
+    generation_config.json exists."""
+    path = d / "generation_config.json"
+    if path.is_file():
+        return GenerationConfig.from_file(path), True
+    config = config or ModelConfig.from_file(d / "config.json")
+    return GenerationConfig(eos_token_id=config.text.eos_token_id, pad_token_id=config.text.pad_token_id), False
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError  # unreachable
+
+
+def human_count(n: int) -> str:
+    """25_800_000_000 -> '25.80B'."""
+    for div, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.2f}{suffix}"
+    return str(n)
+
+
+# ===========================================================================================================
+# dgemma generate
+# ===========================================================================================================
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Load the model, generate one completion, print it (text or JSON) and the stats."""
+    d = checkpoint_dir(args.model)
+    overrides = _sampler_overrides(args)
+    _validate_sampler(d, overrides)  # fail fast, before loading (possibly many GB of) weights
+    prompt = _read_prompt(args)
+    chat = args.chat or args.system is not None
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
+
+    model = _load_model(d, args)
+    tok = model.tokenizer
+    ids = _prompt_ids(tok, prompt, chat, args.system)
+    gcfg = model.resolve_generation_config(**overrides)
+    extra: dict[str, Any] = {}
+    eos_ids = list(gcfg.eos_ids)
+    eot = tok.token_to_id("<end_of_turn>") if chat else None
+    if eot is not None and eot not in eos_ids:  # a chat turn ends at <end_of_turn> (presets list it already)
+        eos_ids.append(eot)
+        extra["eos_token_id"] = eos_ids
+
+    import torch
+
+    shown_prompt = prompt + "\n" if chat else prompt  # a reply starts on its own line
+    watcher = _make_watcher(tok, shown_prompt, gcfg.pad_token_id) if args.watch else None
+    t0 = time.perf_counter()
+    if watcher is not None:
+        with watcher:
+            out = model.generate(torch.tensor([ids]), seed=seed, trim=args.trim, stop=args.stop or None,
+                                 on_step=watcher.on_step, on_canvas=watcher.on_canvas, **overrides, **extra)
+    else:
+        out = model.generate(torch.tensor([ids]), seed=seed, trim=args.trim, stop=args.stop or None,
+                             **overrides, **extra)
+    elapsed = time.perf_counter() - t0
+
+    completion = completion_ids(out.sequences[0].tolist(), len(ids), eos_ids, gcfg.pad_token_id)
+    text = tok.decode(completion, skip_special_tokens=True)
+    stats = _generation_stats(out, completion, elapsed, seed)
+    if args.json:
+        settings = dataclasses.asdict(gcfg)
+        settings.update(eos_token_id=eos_ids if extra else gcfg.eos_token_id, trim=args.trim, stop=args.stop,
+                        dtype=str(model.dtype).removeprefix("torch."), device=str(model.device),
+                        chat=chat, system=args.system)
+        record = {"prompt": prompt, "prompt_tokens": len(ids), "completion": text, "completion_ids": completion,
+                  **stats, "settings": settings}
+        print(json.dumps(record, ensure_ascii=False))
+    else:
+        print(text, flush=True)
+        if not args.quiet:
+            print(format_stats(stats), file=sys.stderr)
+    return 0
+
+
+def _sampler_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampler flags that were given, as `generate()` keyword arguments."""
+    names = ("max_new_tokens", "max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold",
+             "confidence_threshold")
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+
+def _validate_sampler(d: Path, overrides: dict[str, Any]) -> None:
+    """Raise the GenerationConfig validation error for bad flag values, naming the flag."""
+    gcfg, _ = checkpoint_generation_config(d)
+    try:
+        gcfg.merged(**overrides)
+    except ConfigError as e:
+        msg = str(e)
+        field = msg.split("=", 1)[0]
+        if field in overrides:
+            msg += f" (set by {FLAG_FOR_FIELD[field]})"
+        elif field == "t_max" and "t_min" in overrides:
+            msg += " (check --t-min / --t-max)"
+        else:
+            msg = f"{d / 'generation_config.json'}: {msg}"
+        raise ConfigError(msg) from None
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    """PROMPT, or stdin when it is omitted or '-' (one trailing newline removed)."""
+    if args.prompt is not None and args.prompt != "-":
+        return args.prompt
+    if sys.stdin is None:
+        raise DGemmaError("no PROMPT given and there is no stdin to read it from")
+    if sys.stdin.isatty() and not args.quiet:
+        print("reading the prompt from stdin (end with Ctrl-D)…", file=sys.stderr)
+    text = sys.stdin.read()
+    return text[:-1] if text.endswith("\n") else text
+
+
+def _prompt_ids(tok: Any, prompt: str, chat: bool, system: str | None) -> list[int]:
+    """Token ids of the prompt, through the chat template when `chat`."""
+    if chat:
+        messages = ([{"role": "system", "content": system}] if system is not None else []) + [
+            {"role": "user", "content": prompt}]
+        ids = list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+    else:
+        ids = tok.encode(prompt)
+    if not ids:
+        raise DGemmaError("the prompt is empty and the tokenizer adds no BOS token; give some prompt text")
+    return ids
+
+
+def _load_model(d: Path, args: argparse.Namespace) -> Any:
+    """`dgemma.load` with a spinner on stderr (when it is a terminal)."""
+    from rich.console import Console
+
+    from .api import load
+
+    console = Console(stderr=True)
+    if args.quiet or not console.is_terminal:
+        return load(d, dtype=args.dtype, device=args.device)
+    with console.status(f"loading {d} …"):
+        return load(d, dtype=args.dtype, device=args.device)
+
+
+def _make_watcher(tok: Any, prompt: str, pad_token_id: int | None) -> Any:
+    from rich.console import Console
+
+    from .watch import CanvasWatcher
+
+    return CanvasWatcher(tok, Console(stderr=True), prompt=prompt, pad_token_id=pad_token_id)
+
+
+def completion_ids(sequence: list[int], prompt_len: int, eos_ids: Sequence[int], pad_id: int | None) -> list[int]:
+    """The generated ids after the prompt, pad removed, cut after the first EOS (which is kept)."""
+    out: list[int] = []
+    eos = set(eos_ids)
+    for t in sequence[prompt_len:]:
+        if pad_id is not None and t == pad_id:
+            continue
+        out.append(t)
+        if t in eos:
+            break
+    return out
+
+
+def _generation_stats(out: Any, completion: list[int], elapsed: float, seed: int) -> dict[str, Any]:
+    steps = [int(s) for s in out.steps_per_canvas[0]]
+    return {
+        "finish_reason": out.finish_reasons[0],
+        "seed": seed,
+        "canvases": len(steps),
+        "denoising_steps": sum(steps),
+        "steps_per_canvas": steps,
+        "tokens_per_forward": round(float(out.tokens_per_forward[0]), 4),
+        "revisions": int(out.revisions[0]) if out.revisions is not None else None,
+        "generated_tokens": len(completion),
+        "elapsed_s": round(elapsed, 4),
+        "tokens_per_s": round(len(completion) / elapsed, 2) if elapsed > 0 else None,
+    }
+
+
+def format_stats(stats: dict[str, Any]) -> str:
+    """The one-line summary printed on stderr after a completion."""
+    c = stats["canvases"]
+    tps = stats["tokens_per_s"]
+    return (f"{c} canvas{'es' if c != 1 else ''} · {stats['denoising_steps']} denoising steps · "
+            f"{stats['tokens_per_forward']:.2f} tokens/forward · {stats['generated_tokens']} tokens · "
+            f"{tps if tps is not None else '-'} tok/s · finish: {stats['finish_reason']} · seed {stats['seed']}")
+
+
+# ===========================================================================================================
+# dgemma info
+# ===========================================================================================================
+def cmd_info(args: argparse.Namespace) -> int:
+    summary = checkpoint_summary(checkpoint_dir(args.dir))
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 0
+
+
+def checkpoint_summary(d: Path) -> dict[str, Any]:
+    """Everything `dgemma info` reports, from config.json / generation_config.json / file listings only."""
+    config = ModelConfig.from_file(d / "config.json")
+    t = config.text
+    gcfg, has_gen_file = checkpoint_generation_config(d, config)
+    counts = t.param_counts()
+    dtype = config.dtype or _stored_dtype_name(d)
+    return {
+        "path": str(d),
+        "model_type": "diffusion_gemma",
+        "dtype": dtype,
+        "canvas_length": config.canvas_length,
+        "hidden_size": t.hidden_size,
+        "intermediate_size": t.intermediate_size,
+        "num_attention_heads": t.num_attention_heads,
+        "vocab_size": t.vocab_size,
+        "max_position_embeddings": t.max_position_embeddings,
+        "sliding_window": t.sliding_window,
+        "experts": {"num_experts": t.num_experts, "top_k": t.top_k_experts,
+                    "moe_intermediate_size": t.moe_intermediate_size},
+        "layers": {"total": t.num_hidden_layers, "groups": layer_groups(config)},
+        "parameters": counts,
+        "weight_bytes": {name: counts["total"] * size for name, size in (("float32", 4), ("bfloat16", 2), ("fp8", 1))},
+        "active_weight_bytes": {name: counts["active"] * size
+                                for name, size in (("float32", 4), ("bfloat16", 2), ("fp8", 1))},
+        "kv_cache": kv_cache_summary(config, _dtype_size(dtype)),
+        "weights_on_disk": _weights_on_disk(d),
+        "generation_config": dataclasses.asdict(gcfg.merged()),
+        "generation_config_file": has_gen_file,
+        "tokenizer": (d / "tokenizer.json").is_file(),
+        "chat_template": _has_chat_template(d),
+    }
+
+
+def layer_groups(config: ModelConfig) -> list[dict[str, Any]]:
+    """Layers grouped by (type, head_dim, KV heads), sliding groups first."""
+    t = config.text
+    groups: dict[tuple[str, int, int], int] = {}
+    for i in range(t.num_hidden_layers):
+        kind = "full" if t.is_full(i) else "sliding"
+        key = (kind, t.layer_head_dim(i), t.layer_kv_heads(i))
+        groups[key] = groups.get(key, 0) + 1
+    out = []
+    for (kind, d, g), n in sorted(groups.items(), key=lambda kv: (kv[0][0] != "sliding", kv[0][1:])):
+        item: dict[str, Any] = {"type": kind, "count": n, "head_dim": d, "kv_heads": g}
+        if kind == "sliding":
+            item["window"] = t.sliding_window
+        out.append(item)
+    return out
+
+
+def kv_cache_summary(config: ModelConfig, bytes_per_value: int) -> dict[str, Any]:
+    """KV cache bytes per token: Σ over layers of 2·kv_heads·head_dim·bytes. Sliding layers only ever need the
+    last W−1 positions, so their share stops growing there."""
+    t = config.text
+    full = sliding = 0
+    for i in range(t.num_hidden_layers):
+        b = 2 * t.layer_kv_heads(i) * t.layer_head_dim(i) * bytes_per_value
+        if t.is_full(i):
+            full += b
+        else:
+            sliding += b
+    window_tokens = t.sliding_window - 1
+    return {"bytes_per_value": bytes_per_value, "bytes_per_token": full + sliding,
+            "full_bytes_per_token": full, "sliding_bytes_per_token": sliding,
+            "sliding_tokens_needed": window_tokens, "sliding_max_bytes": sliding * window_tokens}
+
+
+def kv_bytes_at(kv: dict[str, Any], tokens: int) -> int:
+    """KV bytes a context of `tokens` needs when sliding layers keep only their window."""
+    return kv["full_bytes_per_token"] * tokens + kv["sliding_bytes_per_token"] * min(tokens,
+                                                                                     kv["sliding_tokens_needed"])
+
+
+def _dtype_size(name: str | None) -> int:
+    return {"float32": 4, "float16": 2, "bfloat16": 2}.get(name or "bfloat16", 2)
+
+
+def _stored_dtype_name(d: Path) -> str | None:
+    """The weights' dtype from the safetensors headers (no tensor data is read); None if unreadable."""
+    from . import checkpoint
+
+    try:
+        return str(checkpoint.stored_dtype(d)).removeprefix("torch.")
+    except DGemmaError:
+        return None
+
+
+def _weights_on_disk(d: Path) -> dict[str, int]:
+    files = sorted(d.glob("*.safetensors"))
+    return {"files": len(files), "bytes": sum(f.stat().st_size for f in files)}
+
+
+def _has_chat_template(d: Path) -> bool:
+    if (d / "chat_template.jinja").is_file():
+        return True
+    try:
+        cfg = json.loads((d / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and bool(cfg.get("chat_template"))
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """The human-readable `dgemma info` report."""
+    p, kv, e = s["parameters"], s["kv_cache"], s["experts"]
+    groups = s["layers"]["groups"]
+    layer_text = ", ".join(_format_group(g) for g in groups)
+    g = s["generation_config"]
+    disk = s["weights_on_disk"]
+    kv_dtype = {4: "fp32", 2: "16-bit"}[kv["bytes_per_value"]]
+    sliding_layers = sum(x["count"] for x in groups if x["type"] == "sliding")
+    full_layers = sum(x["count"] for x in groups if x["type"] == "full")
+    ctx = sorted({n for n in (4096, 32768, s["max_position_embeddings"]) if n <= s["max_position_embeddings"]})
+    lines = [
+        f"{s['path']}: {s['model_type']} ({s['dtype'] or 'dtype unknown'})",
+        f"  layers          {s['layers']['total']} layers: {layer_text}",
+        f"  hidden          {s['hidden_size']} (dense MLP {s['intermediate_size']}), "
+        f"{s['num_attention_heads']} attention heads",
+        f"  experts         {e['num_experts']} experts, top-{e['top_k']} per token "
+        f"(expert MLP {e['moe_intermediate_size']})",
+        f"  vocab           {s['vocab_size']:,}",
+        f"  canvas_length   {s['canvas_length']} tokens per canvas",
+        f"  context         {s['max_position_embeddings']:,} positions",
+        f"  parameters      {human_count(p['total'])} total ({p['total']:,}), {human_count(p['active'])} active "
+        f"per token ({p['active']:,})",
+        f"                  embedding {human_count(p['embedding'])}, attention {human_count(p['attention'])}, "
+        f"dense MLP {human_count(p['dense_mlp'])}, experts {human_count(p['experts'])}",
+        "  weights         " + ", ".join(f"{n} {human_bytes(b)}" for n, b in
+                                         (("fp32", s["weight_bytes"]["float32"]),
+                                          ("bf16", s["weight_bytes"]["bfloat16"]),
+                                          ("fp8", s["weight_bytes"]["fp8"]))),
+        f"                  active per token (top-K experts): bf16 {human_bytes(s['active_weight_bytes']['bfloat16'])}",
+        f"  on disk         {disk['files']} safetensors file{'s' if disk['files'] != 1 else ''}, "
+        f"{human_bytes(disk['bytes'])}",
+        f"  KV cache        {human_bytes(kv['bytes_per_token'])}/token ({kv_dtype}): "
+        f"{human_bytes(kv['full_bytes_per_token'])} in {full_layers} full layers + "
+        f"{human_bytes(kv['sliding_bytes_per_token'])} in {sliding_layers} sliding layers",
+        f"                  sliding layers need only the last {kv['sliding_tokens_needed']} tokens "
+        f"(at most {human_bytes(kv['sliding_max_bytes'])}); total "
+        + ", ".join(f"{human_bytes(kv_bytes_at(kv, n))} at {n:,}" for n in ctx),
+        f"  generation      max_new_tokens {g['max_new_tokens']}, steps {g['max_denoising_steps']}, "
+        f"entropy_bound {g['entropy_bound']}, T {g['t_max']}→{g['t_min']}",
+        f"                  stability {g['stability_threshold']}, confidence {g['confidence_threshold']}, "
+        f"eos {g['eos_token_id']}, pad {g['pad_token_id']}"
+        + ("" if s["generation_config_file"] else "  (no generation_config.json: defaults)"),
+        f"  tokenizer       {'yes' if s['tokenizer'] else 'no (generate needs tokenizer.json)'}"
+        + (f", chat template {'yes' if s['chat_template'] else 'no'}" if s["tokenizer"] else ""),
+    ]
+    return "\n".join(lines)
+
+
+def _format_group(g: dict[str, Any]) -> str:
+    heads = f"{g['kv_heads']} KV head{'s' if g['kv_heads'] != 1 else ''}"
+    window = f", window {g['window']}" if "window" in g else ""
+    return f"{g['count']} {g['type']} (head_dim {g['head_dim']}, {heads}{window})"
+
+
+# ===========================================================================================================
+# dgemma init
+# ===========================================================================================================
+PROGRESS_MIN_BYTES = 256 * 1024**2  # show a progress bar when writing more than this
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """Write a random checkpoint of a preset, after checking OUT and the free disk space."""
+    from .presets import init_checkpoint
+
+    out = Path(args.out)
+    _check_out_dir(out, args.force)
+    total, params, dtype = preset_size(args.preset, args.dtype)
+    print(f"writing preset {args.preset} ({human_count(params)} parameters, {dtype}) to {out}: "
+          f"{human_bytes(total)} ({total / 1e9:.2f} GB)")
+    _check_free_space(out, total, reclaimable=_reclaimable_bytes(out) if args.force else 0)
+    progress, finish = _byte_progress(total)
+    try:
+        init_checkpoint(args.preset, out, seed=args.seed, dtype=args.dtype, progress=progress)
+    finally:
+        finish()
+    print(f"done. try: dgemma info {out}   or   dgemma generate --model {out} \"Hello\"")
+    return 0
+
+
+def preset_size(preset: str, dtype: str | None) -> tuple[int, int, str]:
+    """(weight bytes, parameter count, dtype name) of a preset checkpoint, without writing anything."""
+    from . import checkpoint
+    from .api import resolve_dtype
+    from .presets import preset_config
+
+    cfg, _ = preset_config(preset)
+    tdtype = resolve_dtype(dtype, cfg.dtype)
+    numel = 0
+    for shape in checkpoint.expected_shapes(cfg.text).values():
+        n = 1
+        for s in shape:
+            n *= s
+        numel += n
+    return numel * tdtype.itemsize, numel, str(tdtype).removeprefix("torch.")
+
+
+def _check_out_dir(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise DGemmaError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise DGemmaError(f"{out} is not empty; choose a new directory or pass --force to write into it "
+                          "(its checkpoint files are replaced)")
+
+
+def _reclaimable_bytes(out: Path) -> int:
+    """Bytes of old weight files in OUT that init replaces."""
+    if not out.is_dir():
+        return 0
+    return sum(f.stat().st_size for f in out.glob("model*.safetensors"))
+
+
+def _check_free_space(out: Path, need: int, reclaimable: int = 0) -> None:
+    """Refuse (DGemmaError) when the file system holding OUT lacks `need` bytes plus a small margin."""
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free + reclaimable
+    margin = 64 * 1024**2 + need // 100  # tokenizer, configs, safetensors headers
+    if free < need + margin:
+        raise DGemmaError(f"not enough free disk space for {out}: the checkpoint needs about "
+                          f"{human_bytes(need + margin)} but only {human_bytes(free)} is free")
+
+
+def _byte_progress(total: int) -> tuple[Callable[[int, int], None] | None, Callable[[], None]]:
+    """A (progress(done, total), finish()) pair drawing a rich bytes bar on stderr for large writes."""
+    if total < PROGRESS_MIN_BYTES:
+        return None, lambda: None
+    from rich.console import Console
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
+
+    bar = Progress(TextColumn("writing weights"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                   TimeRemainingColumn(), console=Console(stderr=True))
+    task = bar.add_task("weights", total=total)
+    bar.start()
+
+    def progress(done: int, total_: int) -> None:
+        bar.update(task, completed=done, total=total_)
+
+    return progress, bar.stop
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
