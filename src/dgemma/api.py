@@ -201,19 +201,22 @@ class DiffusionGemma:
 
 
 def _stop_cut(tok: Any, tokens: list[int], stops: list[str], pad: int) -> int | None:
-    """If the decoded text contains a stop string, the number of tokens to keep (the shortest prefix whose text
-    reaches the stop string, minus the stop string's own tokens where they align); else None."""
-    text = tok.decode([t for t in tokens if t != pad], skip_special_tokens=False)
+    """If the decoded text contains a stop string, the number of tokens to keep: the longest prefix whose text
+    ends at or before the first stop string (a token straddling the stop's start is dropped); else None."""
+    tokens = [t for t in tokens if t != pad]
+    text = tok.decode(tokens, skip_special_tokens=False)
     hits = [text.find(s) for s in stops if s and s in text]
     if not hits:
         return None
     cut = min(hits)
-    kept = 0
-    for n in range(len(tokens) + 1):
-        if len(tok.decode([t for t in tokens[:n] if t != pad], skip_special_tokens=False)) > cut:
-            break
-        kept = n
-    return kept
+    lo, hi = 0, len(tokens)  # binary search: decoded length grows with the prefix
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(tok.decode(tokens[:mid], skip_special_tokens=False)) <= cut:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 # ----------------------------------------------------------------------------------------------------------

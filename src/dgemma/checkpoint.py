@@ -242,9 +242,8 @@ def read_state_dict(ckpt_dir: Path, cfg: TextConfig, dtype: torch.dtype,
                 f"{list(want[name])}; the config contradicts the weights")
         if not (rec.dtype.is_floating_point):
             raise CheckpointError(f"{rec.file}: tensor '{rec.key}' has non-float dtype {DTYPE_NAMES[rec.dtype]}")
-    files = {r.file: _files[r.file] for r in chosen.values()}
     for name, rec in chosen.items():
-        t = files[rec.file].tensor(rec.key)
+        t = _files[rec.file].tensor(rec.key)
         yield name, t.to(device=device, dtype=dtype)
 
 
