@@ -51,6 +51,56 @@ class GenerateOutput:
     num_canvases: int = 0
 
 
+class BlockState:
+    """Sampler state of one canvas for B rows (spec §4.2): the decoder input, the argmax draft, the
+    self-conditioning soft embedding, frozen-row bookkeeping and the stopping history."""
+
+    def __init__(self, canvas: torch.Tensor, gcfg: GenerationConfig):
+        B, L = canvas.shape
+        dev = canvas.device
+        self.canvas = canvas
+        self.draft = canvas
+        self.sc: torch.Tensor | None = None  # soft embeddings [B, L, H]; None = zero signal
+        self.h_prev = torch.zeros(B, L, device=dev)
+        self.done = torch.zeros(B, dtype=torch.bool, device=dev)
+        self.last_acc = torch.full((B, L), -1, dtype=torch.long, device=dev)
+        self.steps = torch.zeros(B, dtype=torch.int32, device=dev)
+        self.revisions = torch.zeros(B, dtype=torch.long, device=dev)
+        self.stopper = sampling.StableConfidentStop(gcfg.stability_threshold, gcfg.confidence_threshold)
+
+
+def denoise_step(backbone: Backbone, st: BlockState, raw: torch.Tensor, n: int, gcfg: GenerationConfig,
+                 generator: torch.Generator | None, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Everything after one decoder call (raw fp32 logits [B, L, V]) at steps-remaining n: temperature,
+    sample, entropy-bound acceptance, renoising, frozen rows, stopping, self-conditioning. Updates `st`;
+    returns (T, accepted, entropy). `active` [B]: rows that are neither done nor finished (for counting)."""
+    B, L, V = raw.shape
+    dev = raw.device
+    T = sampling.temperature(n, gcfg.max_denoising_steps, gcfg.t_min, gcfg.t_max, dev)
+    z = raw / T
+    probs = torch.softmax(z, dim=-1, dtype=torch.float32)
+    samp = sampling.sample(probs, generator)
+    del probs
+    amax = torch.argmax(z, dim=-1)
+    h = sampling.entropy(z)
+    acc = sampling.entropy_bound_accept(h, gcfg.entropy_bound)
+    new = torch.where(acc, samp, sampling.noise((B, L), V, generator, dev))
+    changed = acc & (st.last_acc >= 0) & (samp != st.last_acc) & active[:, None]
+    st.revisions += changed.sum(-1)
+    st.last_acc = torch.where(acc & active[:, None], samp, st.last_acc)
+    sc_new = backbone.soft_embed(z)
+    del z
+    if bool(st.done.any()):  # frozen rows keep canvas, argmax and self-conditioning (spec §4.2)
+        keep = st.done[:, None]
+        amax = torch.where(keep, st.draft, amax)
+        new = torch.where(keep, st.canvas, new)
+        h = torch.where(keep, st.h_prev, h)
+        sc_new = torch.where(keep[:, :, None], st.sc, sc_new)
+    st.done = st.done | st.stopper(amax, h)
+    st.canvas, st.draft, st.sc, st.h_prev = new, amax, sc_new, h
+    return T, acc, h
+
+
 @torch.no_grad()
 def generate(
     backbone: Backbone,
@@ -75,7 +125,6 @@ def generate(
     am = torch.ones(B, P0, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask.to(dev).bool()
 
     cache = backbone.new_cache(B, P0 + n_canvases * L)
-    stopper = sampling.StableConfidentStop(gcfg.stability_threshold, gcfg.confidence_threshold)
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
     passes = torch.zeros(B, dtype=torch.int32, device=dev)
     revisions = torch.zeros(B, dtype=torch.long, device=dev)
@@ -86,51 +135,24 @@ def generate(
     c = 0
     for c in range(n_canvases):
         backbone.encode(to_encode, cache, enc_mask)
-        canvas = sampling.noise((B, L), V, generator, dev)
-        draft = canvas
-        sc = None  # soft embeddings [B, L, H]; None = zero signal
-        h_prev = torch.zeros(B, L, device=dev)
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
-        last_acc = torch.full((B, L), -1, dtype=torch.long, device=dev)
-        block_steps = torch.zeros(B, dtype=torch.int32, device=dev)
-        stopper.reset()
+        st = BlockState(sampling.noise((B, L), V, generator, dev), gcfg)
         for step, n in enumerate(range(N, 0, -1), start=1):
-            active = ~(done | finished)
+            active = ~(st.done | finished)
             passes += active
-            block_steps += active
-            raw = backbone.denoise(canvas, cache, sc)
-            T = sampling.temperature(n, N, gcfg.t_min, gcfg.t_max, dev)
-            z = raw / T
-            probs = torch.softmax(z, dim=-1, dtype=torch.float32)
-            samp = sampling.sample(probs, generator)
-            del probs
-            amax = torch.argmax(z, dim=-1)
-            h = sampling.entropy(z)
-            acc = sampling.entropy_bound_accept(h, gcfg.entropy_bound)
-            new = torch.where(acc, samp, sampling.noise((B, L), V, generator, dev))
-            changed = acc & (last_acc >= 0) & (samp != last_acc) & active[:, None]
-            revisions += changed.sum(-1)
-            last_acc = torch.where(acc & active[:, None], samp, last_acc)
-            sc_new = backbone.soft_embed(z)
-            del z
-            if bool(done.any()):  # frozen rows keep canvas, argmax and self-conditioning (spec §4.2)
-                keep = done[:, None]
-                amax = torch.where(keep, draft, amax)
-                new = torch.where(keep, canvas, new)
-                h = torch.where(keep, h_prev, h)
-                sc_new = torch.where(keep[:, :, None], sc, sc_new)
-            done = done | stopper(amax, h)
-            canvas, draft, sc, h_prev = new, amax, sc_new, h
+            st.steps += active
+            raw = backbone.denoise(st.canvas, cache, st.sc)
+            T, acc, h = denoise_step(backbone, st, raw, n, gcfg, generator, active)
             if on_step is not None:
-                on_step(StepInfo(c, step, n, float(T), draft, canvas, acc, h, done.clone(), active))
-            if bool(done.all()):
+                on_step(StepInfo(c, step, n, float(T), st.draft, st.canvas, acc, h, st.done.clone(), active))
+            if bool(st.done.all()):
                 break
-        for b, s in enumerate(block_steps.tolist()):
+        revisions += st.revisions
+        for b, s in enumerate(st.steps.tolist()):
             steps_per_canvas[b].append(s)
-        committed, finished = sampling.finalize_canvas(draft, finished, eos, pad)
+        committed, finished = sampling.finalize_canvas(st.draft, finished, eos, pad)
         pieces.append(committed)
         if on_canvas is not None:
-            stop_requested = bool(on_canvas(CanvasInfo(c, committed, block_steps, finished.clone())))
+            stop_requested = bool(on_canvas(CanvasInfo(c, committed, st.steps, finished.clone())))
         if bool(finished.all()) or stop_requested:
             break
         to_encode, enc_mask = committed, torch.ones(B, L, dtype=torch.bool, device=dev)

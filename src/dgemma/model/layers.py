@@ -96,17 +96,27 @@ class Attention(nn.Module):
 
     def qkv(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """h [B,S,H] (already input-normed) -> q [B,nh,S,d], k, v [B,g,S,d] (k post-norm post-RoPE, v normed)."""
-        B, S, _ = h.shape
-        q = self.q_proj(h).view(B, S, self.n_heads, self.head_dim)
+        q = self.q_proj(h)
+        k = self.k_proj(h)
+        v = self.v_proj(h) if self.v_proj is not None else None
+        return self.qkv_post(q, k, v, cos, sin)
+
+    def qkv_post(self, q: torch.Tensor, k_raw: torch.Tensor, v_raw: torch.Tensor | None, cos: torch.Tensor,
+                 sin: torch.Tensor):
+        """Projected q [B,S,nh·d], k/v [B,S,g·d] (v None on full layers: V = K) -> normed, rotated, head-major."""
+        B, S, _ = q.shape
+        q = q.view(B, S, self.n_heads, self.head_dim)
         q = apply_rope(self.q_norm(q), cos, sin).transpose(1, 2)
-        k_raw = self.k_proj(h).view(B, S, self.n_kv, self.head_dim)
-        v_raw = self.v_proj(h).view(B, S, self.n_kv, self.head_dim) if self.v_proj is not None else k_raw
+        k_raw = k_raw.view(B, S, self.n_kv, self.head_dim)
+        v_raw = v_raw.view(B, S, self.n_kv, self.head_dim) if v_raw is not None else k_raw
         k = apply_rope(self.k_norm(k_raw), cos, sin).transpose(1, 2)
         v = rms_norm_noscale(v_raw, self.eps).transpose(1, 2)
         return q, k, v
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Eager attention: softmax(q kᵀ · 1.0 + mask) v, softmax in fp32. mask: additive [B,1,Sq,Sk] or None."""
+    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Eager attention softmax(q kᵀ · 1.0 + mask) v with an fp32 softmax -> [B, S, nh·d] (before o_proj).
+        mask: additive [B,1,Sq,Sk] or None. k/v are made contiguous (as the reference's concatenated cache)."""
+        k, v = k.contiguous(), v.contiguous()
         rep = self.n_heads // self.n_kv
         if rep > 1:  # repeat-interleave order: query head j uses KV head j // rep
             B, g, S, d = k.shape
@@ -117,7 +127,10 @@ class Attention(nn.Module):
             w = w + mask
         w = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
         out = torch.matmul(w, v).transpose(1, 2).contiguous()
-        return self.o_proj(out.reshape(out.shape[0], out.shape[1], -1))
+        return out.reshape(out.shape[0], out.shape[1], -1)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return self.o_proj(self.core(q, k, v, mask))
 
 
 class Router(nn.Module):

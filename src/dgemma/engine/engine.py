@@ -1,0 +1,438 @@
+"""The serving engine: many requests, one model, one packed forward per iteration.
+
+Each request moves PREFILL → DENOISE … → COMMIT → DENOISE … → DONE. An iteration advances every running request by
+one decoder pass; a request that has something to encode (its prompt, or the canvas it just committed) encodes it in
+the same forward, just before its first denoising step of the next canvas (one weight read for both). New requests
+join between iterations; finished or cancelled ones leave at once and free their KV blocks.
+
+A request's tokens equal `model.generate(prompt, seed=…)` for it alone (per-request generators, per-request
+sampler, batch-invariant GEMMs — see runner.py), trimmed to exactly `max_tokens` and cut at EOS / stop strings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, AsyncIterator, Callable
+
+import torch
+
+from .. import sampling
+from ..api import DiffusionGemma
+from ..config import GenerationConfig
+from ..errors import ConfigError
+from ..generate import BlockState, denoise_step
+from .kv import KVPool, SeqKV
+from .runner import Runner, Segment
+from .types import EngineStopped, QueueFull, RequestOutput, RequestRefused, SamplingParams
+
+TEMPERATURE_FLOOR = 1e-3
+
+
+class Phase(Enum):
+    WAITING = "waiting"
+    PREFILL = "prefill"
+    DENOISE = "denoise"
+    COMMIT = "commit"
+    DONE = "done"
+
+
+@dataclass
+class Request:
+    id: str
+    prompt: list[int]
+    params: SamplingParams
+    gcfg: GenerationConfig
+    max_tokens: int
+    emit: Callable[[RequestOutput], None]
+    generator: torch.Generator
+    n_canvases: int
+    blocks: int  # KV blocks to reserve
+    phase: Phase = Phase.WAITING
+    kv: SeqKV | None = None
+    pending_encode: torch.Tensor | None = None
+    block: BlockState | None = None
+    n: int = 0  # steps remaining in the current canvas (N…1)
+    canvas_index: int = 0
+    out_ids: list[int] = field(default_factory=list)
+    emitted_text: str = ""
+    steps_total: int = 0
+    steps_per_canvas: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    t_start: float = field(default_factory=time.perf_counter)
+
+
+class Engine:
+    """Synchronous core: `add()`, `abort()`, `step()`. `AsyncEngine` runs it on a thread for the server."""
+
+    def __init__(self, model: DiffusionGemma, *, max_num_seqs: int = 16, max_queue: int = 256,
+                 kv_cache_bytes: int | None = None, block_size: int = 16, observer: Any = None):
+        self.model = model
+        self.cfg = model.config
+        self.tok = model._tokenizer
+        self.max_num_seqs = max_num_seqs
+        self.max_queue = max_queue
+        self.observer = observer
+        self.L = model.config.canvas_length
+        self.context = model.config.text.max_position_embeddings
+        self.kv_bytes_per_token = KVPool.bytes_per_token(model.config.text, model.dtype)
+        if kv_cache_bytes is None:
+            kv_cache_bytes = _default_kv_bytes(self.kv_bytes_per_token, max_num_seqs, self.context, model.device)
+        num_blocks = max(1, kv_cache_bytes // (self.kv_bytes_per_token * block_size))
+        self.pool = KVPool(model.config.text, int(num_blocks), block_size, model.dtype, model.device)
+        self.runner = Runner(model.backbone)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.aborted: set[str] = set()
+        self.lock = threading.Lock()
+        self.iterations = 0
+
+    # -- admission -------------------------------------------------------------------------------------------
+    def prepare(self, prompt: list[int], params: SamplingParams) -> tuple[GenerationConfig, int, int, int]:
+        """Validate a request; return (resolved config, max_tokens, canvases, KV blocks). Raises RequestRefused."""
+        V = self.cfg.text.vocab_size
+        if not prompt:
+            raise RequestRefused("the prompt is empty; expected at least one token", "prompt")
+        if any((not isinstance(t, int)) or t < 0 or t >= V for t in prompt):
+            raise RequestRefused(f"prompt token ids must be integers in [0, {V})", "prompt")
+        if self.cfg.image_token_id is not None and self.cfg.image_token_id in prompt:
+            raise RequestRefused("image input is not supported: dgemma serves text only", "prompt", "unsupported")
+        t = params.temperature
+        if t is not None and (not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0):
+            raise RequestRefused(f"temperature={t!r} is invalid; expected a number >= 0", "temperature")
+        base = self.model.generation_config.merged()
+        t_min = params.t_min if params.t_min is not None else base.t_min
+        t_max = params.t_max if params.t_max is not None else base.t_max
+        if t is not None:
+            scale = max(float(t), TEMPERATURE_FLOOR)
+            t_min, t_max = t_min * scale, t_max * scale
+        room = self.context - len(prompt)
+        if room <= 0:
+            raise RequestRefused(f"the prompt has {len(prompt)} tokens; the model's context is {self.context}",
+                                 "prompt", "context_length_exceeded")
+        mt = params.max_tokens
+        if mt is not None and (not isinstance(mt, int) or isinstance(mt, bool) or mt <= 0):
+            raise RequestRefused(f"max_tokens={mt!r} is invalid; expected a positive integer", "max_tokens")
+        max_tokens = mt if mt is not None else min(base.max_new_tokens, room)
+        try:
+            gcfg = self.model.generation_config.merged(
+                max_new_tokens=max_tokens, max_denoising_steps=params.max_denoising_steps,
+                entropy_bound=params.entropy_bound, t_min=t_min, t_max=t_max,
+                stability_threshold=params.stability_threshold, confidence_threshold=params.confidence_threshold)
+        except ConfigError as e:
+            name = str(e).split("=", 1)[0]
+            raise RequestRefused(str(e), name) from None
+        n_canvases = math.ceil(max_tokens / self.L)
+        total = len(prompt) + n_canvases * self.L
+        if len(prompt) + max_tokens > self.context:
+            raise RequestRefused(
+                f"this request needs {len(prompt)} prompt + {max_tokens} completion tokens = "
+                f"{len(prompt) + max_tokens}, beyond the model's context of {self.context}", "max_tokens",
+                "context_length_exceeded")
+        blocks = self.pool.blocks_for(total)
+        if blocks > self.pool.num_blocks:
+            cap = self.pool.num_blocks * self.pool.block_size
+            raise RequestRefused(
+                f"this request needs KV cache for {total} tokens (prompt {len(prompt)} + {n_canvases} canvases of "
+                f"{self.L}); the server's KV cache holds {cap}", "max_tokens", "kv_cache_exceeded")
+        return gcfg, max_tokens, n_canvases, blocks
+
+    def add(self, prompt: list[int], params: SamplingParams, emit: Callable[[RequestOutput], None],
+            request_id: str | None = None) -> str:
+        gcfg, max_tokens, n_canvases, blocks = self.prepare(prompt, params)
+        g = torch.Generator(device=self.model.device)
+        if params.seed is None:
+            g.seed()
+        else:
+            g.manual_seed(int(params.seed))
+        req = Request(request_id or uuid.uuid4().hex, list(prompt), params, gcfg, max_tokens, emit, g, n_canvases,
+                      blocks)
+        with self.lock:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} waiting requests); retry later")
+            self.waiting.append(req)
+        return req.id
+
+    def abort(self, request_id: str) -> None:
+        with self.lock:
+            self.aborted.add(request_id)
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    # -- one iteration ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> None:
+        self._reap_aborted()
+        self._admit()
+        if not self.running:
+            return
+        t0 = time.perf_counter()
+        dev = self.model.device
+        V = self.cfg.text.vocab_size
+        segments: list[Segment] = []
+        for r in self.running:
+            if r.pending_encode is not None:
+                segments.append(Segment(r.kv, r.pending_encode, r.kv.length, True))
+            if r.block is None:  # a new canvas: its initial noise (spec §4.7 draw order)
+                r.block = BlockState(sampling.noise((1, self.L), V, r.generator, dev), r.gcfg)
+                r.n = r.gcfg.max_denoising_steps
+            start = r.kv.length + (r.pending_encode.shape[0] if r.pending_encode is not None else 0)
+            segments.append(Segment(r.kv, r.block.canvas[0], start, False, r.block.sc))
+        for r in self.running:
+            if r.pending_encode is not None:
+                r.kv.map(r.kv.length, r.pending_encode.shape[0])
+        logits = self.runner.forward(segments)
+        active = torch.ones(1, dtype=torch.bool, device=dev)
+        finished_now = []
+        for r, raw in zip(self.running, logits):
+            r.pending_encode = None
+            st = r.block
+            st.steps += 1
+            r.steps_total += 1
+            T, acc, h = denoise_step(self.model.backbone, st, raw, r.n, r.gcfg, r.generator, active)
+            step = r.gcfg.max_denoising_steps - r.n + 1
+            r.n -= 1
+            r.phase = Phase.DENOISE
+            if r.params.stream_drafts and self.tok is not None:
+                r.emit(self._out(r, "draft", draft_text=self.tok.decode(st.draft[0].tolist(), skip_special_tokens=True),
+                                 step=step))
+            if bool(st.done.all()) or r.n == 0:
+                if self._commit(r):
+                    finished_now.append(r)
+        for r in finished_now:
+            self._finish(r)
+        self.iterations += 1
+        if self.observer is not None:
+            self.observer.on_iteration(time.perf_counter() - t0, len(logits))
+
+    def _commit(self, r: Request) -> bool:
+        """Commit the argmax canvas (spec §4.5); emit its text. Returns True when the request is finished."""
+        st = r.block
+        r.steps_per_canvas.append(int(st.steps.item()))
+        committed, finished = sampling.finalize_canvas(st.draft, torch.zeros(1, dtype=torch.bool,
+                                                       device=st.draft.device), r.gcfg.eos_ids, r.gcfg.pad_token_id)
+        r.canvas_index += 1
+        toks = committed[0].tolist()
+        eos = set(r.gcfg.eos_ids)
+        new = []
+        for t in toks:
+            if t in eos:
+                break
+            new.append(t)
+        room = r.max_tokens - len(r.out_ids)
+        hit_eos = bool(finished.item()) and len(new) <= room
+        r.out_ids.extend(new[:room])
+        stop_hit, delta = self._new_text(r, final=False)
+        r.emit(self._out(r, "canvas", text=delta))
+        if stop_hit:
+            r.finish_reason = "stop"
+        elif hit_eos:
+            r.finish_reason = "stop"
+        elif len(r.out_ids) >= r.max_tokens or r.canvas_index >= r.n_canvases:
+            r.finish_reason = "length"
+        if r.finish_reason is not None:
+            return True
+        r.pending_encode = committed[0]
+        r.block = None
+        r.phase = Phase.COMMIT
+        return False
+
+    def _new_text(self, r: Request, final: bool) -> tuple[bool, str]:
+        """Decode the output so far; return (stop string found, new text to emit). Unless `final`, an incomplete
+        character or a possible stop-string prefix at the end is held back. On a stop string the output (text and
+        token ids) is cut where it starts."""
+        if self.tok is None:
+            return False, ""
+        text = self.tok.decode(r.out_ids, skip_special_tokens=True)
+        stops = [s for s in r.params.stop if s]
+        cut = min((text.find(s) for s in stops if s in text), default=-1)
+        if cut >= 0:
+            text = text[:cut]
+            while r.out_ids and len(self.tok.decode(r.out_ids, skip_special_tokens=True)) > cut:
+                r.out_ids.pop()  # completion_tokens count what was kept
+        safe = len(text)
+        if cut < 0 and not final:
+            while safe > 0 and text[safe - 1] == "\ufffd":
+                safe -= 1
+            for s in stops:
+                for k in range(min(len(s) - 1, safe), 0, -1):
+                    if text[:safe].endswith(s[:k]):
+                        safe -= k
+                        break
+        safe = max(safe, len(r.emitted_text))
+        delta = text[len(r.emitted_text):safe]
+        r.emitted_text = text[:safe]
+        return cut >= 0, delta
+
+    def _finish(self, r: Request) -> None:
+        _, tail = self._new_text(r, final=True)
+        r.phase = Phase.DONE
+        self._release(r)
+        r.emit(self._out(r, "finished", text=tail, finish_reason=r.finish_reason))
+        if self.observer is not None:
+            self.observer.on_request_finished(len(r.prompt), len(r.out_ids), r.canvas_index, r.steps_total,
+                                              list(r.steps_per_canvas), time.perf_counter() - r.t_start,
+                                              r.finish_reason or "abort")
+
+    def _out(self, r: Request, kind: str, text: str = "", draft_text: str | None = None, step: int | None = None,
+             finish_reason: str | None = None) -> RequestOutput:
+        return RequestOutput(r.id, kind, text=text, token_ids=list(r.out_ids) if kind == "finished" else [],
+                             draft_text=draft_text, canvas_index=r.canvas_index, step=step,
+                             finish_reason=finish_reason, prompt_tokens=len(r.prompt),
+                             completion_tokens=len(r.out_ids), canvases=r.canvas_index,
+                             denoising_steps=r.steps_total)
+
+    def _release(self, r: Request) -> None:
+        if r in self.running:
+            self.running.remove(r)
+        if r.kv is not None:
+            r.kv.release()
+            r.kv = None
+        r.block = None
+
+    def _reap_aborted(self) -> None:
+        with self.lock:
+            if not self.aborted:
+                return
+            ids, self.aborted = self.aborted, set()
+            gone = [r for r in self.waiting if r.id in ids]
+            for r in gone:
+                self.waiting.remove(r)
+        for r in gone + [r for r in self.running if r.id in ids]:
+            r.finish_reason = "abort"
+            self._release(r)
+            r.phase = Phase.DONE
+            r.emit(self._out(r, "finished", finish_reason="abort"))
+
+    def _admit(self) -> None:
+        with self.lock:
+            while self.waiting and len(self.running) < self.max_num_seqs:
+                r = self.waiting[0]
+                if not self.pool.reserve(r.blocks):
+                    break  # FIFO: wait until enough blocks come back
+                self.waiting.popleft()
+                r.kv = SeqKV(self.pool, r.blocks)
+                r.pending_encode = torch.tensor(r.prompt, dtype=torch.long, device=self.model.device)
+                r.phase = Phase.PREFILL
+                r.t_start = time.perf_counter()
+                self.running.append(r)
+
+    def abort_all(self) -> None:
+        with self.lock:
+            ids = {r.id for r in itertools.chain(self.running, self.waiting)}
+            self.aborted |= ids
+
+    def stats(self) -> dict[str, Any]:
+        return {"running": len(self.running), "waiting": len(self.waiting),
+                "kv_blocks_total": self.pool.num_blocks, "kv_blocks_used": self.pool.used,
+                "kv_usage": self.pool.used / self.pool.num_blocks, "iterations": self.iterations,
+                "max_num_seqs": self.max_num_seqs, "kv_bytes_per_token": self.kv_bytes_per_token,
+                "kv_block_size": self.pool.block_size,
+                "max_tokens_per_request": self.pool.num_blocks * self.pool.block_size}
+
+
+class AsyncEngine:
+    """Runs `Engine.step()` on a background thread; `generate()` is an async stream of RequestOutput."""
+
+    def __init__(self, model: DiffusionGemma, **kwargs: Any):
+        self.engine = Engine(model, **kwargs)
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self._accepting = True
+        self.error: BaseException | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="dgemma-engine", daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop:
+            if not self.engine.has_work() and not self.engine.aborted:
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            try:
+                self.engine.step()
+            except BaseException as e:  # keep serving: fail the running requests, report, go on
+                self.error = e
+                for r in list(self.engine.running):
+                    r.finish_reason = "abort"
+                    self.engine._release(r)
+                    r.emit(self.engine._out(r, "finished", finish_reason="abort"))
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        self.engine.prepare(prompt_ids, params)
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        if not self._accepting:
+            raise EngineStopped("the server is shutting down; retry on another instance")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        rid = self.engine.add(prompt_ids, params, lambda o: loop.call_soon_threadsafe(queue.put_nowait, o),
+                              request_id)
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                out = await queue.get()
+                if out.kind == "finished":
+                    finished = True
+                yield out
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.engine.abort(rid)
+                self._wake.set()
+
+    async def shutdown(self, drain_timeout: float = 30.0) -> None:
+        self._accepting = False
+        deadline = time.monotonic() + drain_timeout
+        while self.engine.has_work() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.engine.has_work():
+            self.engine.abort_all()
+            self._wake.set()
+            t = time.monotonic() + 5
+            while self.engine.has_work() and time.monotonic() < t:
+                await asyncio.sleep(0.02)
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 5)
+
+    def stats(self) -> dict[str, Any]:
+        return self.engine.stats()
+
+
+def _default_kv_bytes(per_token: int, max_num_seqs: int, context: int, device: torch.device) -> int:
+    """Enough for every slot at 4k tokens (or the context), capped by a share of free memory."""
+    want = per_token * max_num_seqs * min(context, 4096)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        cap = int(free * 0.8)
+    else:
+        cap = _mem_available() // 4
+    return max(per_token * 256, min(want, cap))
+
+
+def _mem_available() -> int:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 1024**3
