@@ -38,6 +38,7 @@ examples:
   dgemma generate --model ./tiny "Once upon a time"    complete a prompt
   dgemma generate --model ./ckpt --chat --watch "Why is the sky blue?"
   echo "Hello" | dgemma generate --model ./tiny --json --seed 0
+  dgemma serve --model ./tiny --port 8000              OpenAI-compatible server on 127.0.0.1:8000
 
 run `dgemma COMMAND --help` for the options of each command.
 """
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_info(sub)
     _add_init(sub)
+    _add_serve(sub)
     return parser
 
 
@@ -132,6 +134,18 @@ def _add_init(sub: Any) -> None:
     p.add_argument("--dtype", choices=DTYPE_CHOICES, help="weight dtype (default: the preset's)")
     p.add_argument("--force", action="store_true", help="write into a non-empty OUT, replacing its checkpoint")
     p.set_defaults(func=cmd_init)
+
+
+def _add_serve(sub: Any) -> None:
+    from .server import add_serve_arguments, run_serve
+
+    p = sub.add_parser(
+        "serve", help="serve a checkpoint over an OpenAI-compatible HTTP API (e.g. dgemma serve --model ./ckpt)",
+        description="Serve a checkpoint over an OpenAI-compatible API (/v1/completions, /v1/chat/completions, "
+                    "/v1/models, /health, /metrics) with continuous batching. Binds 127.0.0.1 by default; "
+                    "SIGTERM drains running requests before exiting.")
+    add_serve_arguments(p)
+    p.set_defaults(func=run_serve)
 
 
 # ===========================================================================================================

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import math
 import threading
 import time
@@ -34,6 +35,9 @@ from .runner import Runner, Segment
 from .types import EngineStopped, QueueFull, RequestOutput, RequestRefused, SamplingParams
 
 TEMPERATURE_FLOOR = 1e-3
+MAX_DENOISING_STEPS = 1024  # a bound per canvas, so one request cannot hold a slot indefinitely
+
+log = logging.getLogger("dgemma.engine")
 
 
 class Phase(Enum):
@@ -129,6 +133,12 @@ class Engine:
         except ConfigError as e:
             name = str(e).split("=", 1)[0]
             raise RequestRefused(str(e), name) from None
+        if gcfg.max_denoising_steps > MAX_DENOISING_STEPS:
+            raise RequestRefused(f"max_denoising_steps={gcfg.max_denoising_steps} is too large; expected at most "
+                                 f"{MAX_DENOISING_STEPS}", "max_denoising_steps")
+        # A history longer than N steps can never fill, so S >= N already means "never stable": capping S at N
+        # changes no result and bounds the per-request history memory.
+        gcfg.stability_threshold = min(gcfg.stability_threshold, gcfg.max_denoising_steps)
         n_canvases = math.ceil(max_tokens / self.L)
         total = len(prompt) + n_canvases * self.L
         if len(prompt) + max_tokens > self.context:
@@ -307,10 +317,17 @@ class Engine:
             for r in gone:
                 self.waiting.remove(r)
         for r in gone + [r for r in self.running if r.id in ids]:
-            r.finish_reason = "abort"
-            self._release(r)
-            r.phase = Phase.DONE
-            r.emit(self._out(r, "finished", finish_reason="abort"))
+            self._fail(r)
+
+    def _fail(self, r: Request) -> None:
+        """End a request without output: cancelled by its client, drained at shutdown, or an engine error."""
+        r.finish_reason = "abort"
+        self._release(r)
+        r.phase = Phase.DONE
+        r.emit(self._out(r, "finished", finish_reason="abort"))
+        if self.observer is not None:
+            self.observer.on_request_finished(len(r.prompt), len(r.out_ids), r.canvas_index, r.steps_total,
+                                              list(r.steps_per_canvas), time.perf_counter() - r.t_start, "abort")
 
     def _admit(self) -> None:
         with self.lock:
@@ -336,7 +353,7 @@ class Engine:
                 "kv_usage": self.pool.used / self.pool.num_blocks, "iterations": self.iterations,
                 "max_num_seqs": self.max_num_seqs, "kv_bytes_per_token": self.kv_bytes_per_token,
                 "kv_block_size": self.pool.block_size,
-                "max_tokens_per_request": self.pool.num_blocks * self.pool.block_size}
+                "max_tokens_per_request": min(self.context, self.pool.num_blocks * self.pool.block_size)}
 
 
 class AsyncEngine:
@@ -363,12 +380,11 @@ class AsyncEngine:
                 continue
             try:
                 self.engine.step()
-            except BaseException as e:  # keep serving: fail the running requests, report, go on
+            except Exception as e:  # keep serving: fail the running requests, report, go on
                 self.error = e
+                log.exception("engine iteration failed; aborting %d running request(s)", len(self.engine.running))
                 for r in list(self.engine.running):
-                    r.finish_reason = "abort"
-                    self.engine._release(r)
-                    r.emit(self.engine._out(r, "finished", finish_reason="abort"))
+                    self.engine._fail(r)
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         self.engine.prepare(prompt_ids, params)
