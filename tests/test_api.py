@@ -184,3 +184,27 @@ def test_init_checkpoint_loads_in_transformers(tmp_path):
     r = ref.generate(ids, max_new_tokens=20)
     o = ours.generate(ids, seed=7, max_new_tokens=20)
     assert torch.equal(r.sequences, o.sequences)
+
+
+def test_ar_mode_matches_a_plain_next_token_loop(spec):
+    """generate_ar (KV cache, one token per forward) == argmax of a full re-encode of the growing sequence."""
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]])  # longer than the sliding window (8)
+    out = spec.generate_ar(ids, max_new_tokens=12, eos_token_id=None)
+    seq = ids.clone()
+    bb = spec.backbone
+    for _ in range(12):
+        h = bb.encode(seq, bb.new_cache(1, seq.shape[1]), final_norm=False)
+        seq = torch.cat([seq, bb.logits(h[:, -1:]).argmax(-1)], dim=1)
+    assert torch.equal(out.sequences, seq)
+    assert out.tokens_per_forward.tolist() == [1.0]
+
+
+def test_ar_mode_stops_at_eos_and_pads(spec):
+    ids = torch.tensor([[5, 6, 7], [9, 8, 7]])
+    free = spec.generate_ar(ids, max_new_tokens=10, eos_token_id=None)
+    eos = int(free.sequences[0, 5])  # the third generated token of row 0 becomes EOS
+    out = spec.generate_ar(ids, max_new_tokens=10, eos_token_id=eos, pad_token_id=0)
+    row = out.sequences[0, 3:].tolist()
+    k = row.index(eos)
+    assert all(t == 0 for t in row[k + 1:])
+    assert out.finish_reasons[0] == "eos"

@@ -11,7 +11,7 @@ import torch
 from . import checkpoint
 from .config import GenerationConfig, ModelConfig
 from .errors import CheckpointError, DGemmaError, UnsupportedInputError
-from .generate import CanvasInfo, GenerateOutput, StepInfo, generate
+from .generate import CanvasInfo, GenerateOutput, StepInfo, generate, generate_ar
 from .model import Backbone
 
 UNSET: Any = type("Unset", (), {"__repr__": lambda self: "UNSET"})()
@@ -162,6 +162,18 @@ class DiffusionGemma:
                     out.finish_reasons[b] = "length"  # the EOS lay beyond max_new_tokens
         return out
 
+    @torch.no_grad()
+    def generate_ar(self, input_ids: Any, attention_mask: torch.Tensor | None = None, *,
+                    max_new_tokens: int | None = None, eos_token_id: Any = UNSET,
+                    pad_token_id: Any = UNSET) -> GenerateOutput:
+        """Greedy autoregressive decoding on the same weights (encoder + tied head, KV cache): the baseline the
+        diffusion sampler is compared with. One token per forward; stops at EOS."""
+        ids = self._as_batch(input_ids)
+        g = self.resolve_generation_config(max_new_tokens=max_new_tokens)
+        eos = g.eos_ids if eos_token_id is UNSET else GenerationConfig(eos_token_id=eos_token_id).eos_ids
+        pad = g.pad_token_id if pad_token_id is UNSET else pad_token_id
+        return generate_ar(self.backbone, ids, g.max_new_tokens, attention_mask, eos, pad)
+
     def _as_batch(self, input_ids: Any) -> torch.Tensor:
         try:
             ids = torch.as_tensor(input_ids)
@@ -257,11 +269,14 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None,
 
 
 def save_model(model: DiffusionGemma, out_dir: Path, dtype: str | torch.dtype | None = None,
-               max_shard_bytes: int = 5 * 1024**3) -> None:
+               max_shard_bytes: int = 5 * 1024**3, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Write `model` as an HF-format directory. `state` (dgemma names -> tensors) overrides the backbone's own
+    parameters, e.g. LoRA-merged weights from training."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tdtype = resolve_dtype(dtype, None) if dtype is not None else model.dtype
-    tensors = {checkpoint.hf_key(n): t for n, t in
-               list(model.backbone.named_parameters()) + list(model.backbone.named_buffers())}
+    if state is None:
+        state = dict(list(model.backbone.named_parameters()) + list(model.backbone.named_buffers()))
+    tensors = {checkpoint.hf_key(n): t for n, t in state.items()}
     sizes = {k: t.numel() * tdtype.itemsize for k, t in tensors.items()}
     checkpoint.write_weights(out_dir, sizes, lambda k: tensors[k].detach().to(tdtype), max_shard_bytes)
     cfg = model.config.to_dict()

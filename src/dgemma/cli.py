@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_info(sub)
     _add_init(sub)
     _add_serve(sub)
+    _add_train(sub)
+    _add_sudoku(sub)
     return parser
 
 
@@ -146,6 +148,57 @@ def _add_serve(sub: Any) -> None:
                     "SIGTERM drains running requests before exiting.")
     add_serve_arguments(p)
     p.set_defaults(func=run_serve)
+
+
+def _add_train(sub: Any) -> None:
+    p = sub.add_parser(
+        "train", help="fine-tune or train with the diffusion objective (e.g. dgemma train --config sft.toml)",
+        description="Train a checkpoint with DiffusionGemma's uniform-state diffusion objective (random-token "
+                    "corruption of one canvas per example, two-pass self-conditioning, optional encoder next-token "
+                    "loss). Data: JSONL with {\"prompt\", \"completion\"} or chat {\"messages\": [...]}. Options "
+                    "come from a TOML/YAML config file, then flags, then --set key=value. Rerunning with the same "
+                    "--out resumes from its last checkpoint. Multi-process: torchrun --nproc_per_node N -m dgemma "
+                    "train ...")
+    p.add_argument("--config", metavar="FILE", help="TOML or YAML file of training options (see docs/training.md)")
+    p.add_argument("--model", metavar="DIR", help="checkpoint to start from")
+    p.add_argument("--data", metavar="FILE", help="training JSONL")
+    p.add_argument("--out", metavar="DIR", help="output directory (checkpoints, metrics.csv); resumes if present")
+    p.add_argument("--steps", type=int, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, dest="batch_size", help="examples per process per micro-step")
+    p.add_argument("--grad-accum", type=int, dest="grad_accum", help="micro-steps per optimizer step")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--lora-rank", type=int, dest="lora_rank", help="LoRA rank (0 = full fine-tuning)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any option, e.g. --set warmup_steps=100 --set sc_prob=0.5 (repeatable)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, train
+
+    over: dict[str, Any] = {k: getattr(args, k) for k in
+                            ("model", "data", "out", "steps", "batch_size", "grad_accum", "lr", "lora_rank")}
+    for item in args.set:
+        if "=" not in item:
+            raise DGemmaError(f"--set {item!r}: expected KEY=VALUE")
+        k, v = item.split("=", 1)
+        try:
+            over[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            over[k.strip()] = v
+    cfg = TrainConfig.from_file(args.config, over)
+    final = train(cfg, show_progress=not args.quiet)
+    print(f"trained checkpoint: {final}", file=sys.stderr)
+    return 0
+
+
+def _add_sudoku(sub: Any) -> None:
+    try:
+        from .tasks.sudoku import add_sudoku_parser
+    except ImportError:  # the task module is optional
+        return
+    add_sudoku_parser(sub)
 
 
 # ===========================================================================================================

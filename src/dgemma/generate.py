@@ -165,3 +165,35 @@ def generate(
         revisions=revisions, finish_reasons=["eos" if f else "length" for f in finished.tolist()],
         num_canvases=c + 1,
     )
+
+
+@torch.no_grad()
+def generate_ar(backbone: Backbone, input_ids: torch.Tensor, max_new_tokens: int,
+                attention_mask: torch.Tensor | None = None, eos_ids: list[int] | None = None,
+                pad_id: int | None = None) -> GenerateOutput:
+    """Greedy autoregressive decoding with the same backbone: the causal encoder plus the tied head, one token per
+    forward, reusing the KV cache. Rows stop at EOS; positions after it become pad (like the diffusion path)."""
+    dev = backbone.device
+    ids = input_ids.to(dev)
+    B, P0 = ids.shape
+    am = torch.ones(B, P0, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask.to(dev).bool()
+    cache = backbone.new_cache(B, P0 + max_new_tokens)
+    eos_t = torch.tensor(eos_ids or [], dtype=torch.long, device=dev)
+    finished = torch.zeros(B, dtype=torch.bool, device=dev)
+    out = []
+    x = backbone.encode(ids, cache, am, final_norm=False)
+    for _ in range(max_new_tokens):
+        nxt = torch.argmax(backbone.logits(x[:, -1:]), dim=-1)  # [B, 1]
+        if pad_id is not None:
+            nxt = torch.where(finished[:, None], torch.full_like(nxt, pad_id), nxt)
+        out.append(nxt)
+        if len(eos_t):
+            finished |= torch.isin(nxt[:, 0], eos_t)
+        if bool(finished.all()):
+            break
+        x = backbone.encode(nxt, cache, None, final_norm=False)
+    seq = torch.cat([ids] + out, dim=1)
+    n = seq.shape[1] - P0
+    return GenerateOutput(sequences=seq, tokens_per_forward=torch.ones(B, device=dev),
+                          steps_per_canvas=[[n] for _ in range(B)], finish_reasons=[
+                              "eos" if f else "length" for f in finished.tolist()], num_canvases=0)

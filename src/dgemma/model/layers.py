@@ -51,15 +51,19 @@ def rope_inv_freq(params: dict, head_dim: int) -> torch.Tensor:
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions [S] (int) -> cos, sin [S, d] in `dtype` (angles in fp32, cast after, as the reference)."""
-    freqs = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]
+    """positions [S] or per-row [B, S] (int) -> cos, sin [S, d] / [B, S, d] in `dtype` (fp32 angles, cast after)."""
+    freqs = positions.float()[..., None] * inv_freq.to(positions.device)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, S, heads, d]; half-split rotation `x·cos + rot(x)·sin`, rot([a, b]) = [-b, a]."""
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    """x [B, S, heads, d]; half-split rotation `x·cos + rot(x)·sin`, rot([a, b]) = [-b, a].
+    cos/sin: [S, d] shared by the batch, or [B, S, d] per row."""
+    if cos.dim() == 2:
+        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    else:
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     a, b = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-b, a), dim=-1) * sin
 

@@ -1,0 +1,112 @@
+"""SFT data: JSONL of `{"prompt", "completion"}` or chat `{"messages": [...]}`, tokenised into (prompt, response)
+pairs, and batches for the objective (one canvas chosen per example)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import DGemmaError
+from .objective import Batch
+
+
+class DataError(DGemmaError):
+    """A training file dgemma cannot use (names the file and line)."""
+
+
+@dataclass
+class Example:
+    prompt: list[int]
+    response: list[int]
+
+
+def load_jsonl(path: str | Path, tokenizer: Any, *, max_len: int, append_eos: bool = True,
+               eos_id: int | None = None) -> list[Example]:
+    """Read and tokenise a JSONL file. Chat records use the checkpoint's template for every message but the last
+    (which must be the assistant's); the response ends with `eos_id` (default: `<end_of_turn>` for chat when the
+    tokenizer has it, else the tokenizer's EOS) unless append_eos is False. Examples longer than max_len are
+    dropped (counted in the returned list's `dropped` attribute)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: training data file not found")
+    out: list[Example] = []
+    dropped = 0
+    with open(p, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{p}:{n}: not valid JSON ({e.msg})") from None
+            ex = _tokenise(rec, tokenizer, append_eos, eos_id, f"{p}:{n}")
+            if len(ex.prompt) + len(ex.response) > max_len:
+                dropped += 1
+                continue
+            out.append(ex)
+    if not out:
+        raise DataError(f"{p}: no usable examples (dropped {dropped} longer than max_len={max_len})")
+    result = _ExampleList(out)
+    result.dropped = dropped
+    return result
+
+
+class _ExampleList(list):
+    dropped: int = 0
+
+
+def _tokenise(rec: Any, tok: Any, append_eos: bool, eos_id: int | None, where: str) -> Example:
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected a JSON object with 'prompt'/'completion' or 'messages'")
+    if "messages" in rec:
+        msgs = rec["messages"]
+        if not isinstance(msgs, list) or not msgs or not isinstance(msgs[-1], dict) \
+                or msgs[-1].get("role") != "assistant" or not isinstance(msgs[-1].get("content"), str):
+            raise DataError(f"{where}: 'messages' must be a list ending with an assistant message with string content")
+        prompt = tok.apply_chat_template(msgs[:-1], add_generation_prompt=True, tokenize=True)
+        resp = tok.encode(msgs[-1]["content"], add_special_tokens=False)
+        if eos_id is None:
+            eos_id = tok.token_to_id("<end_of_turn>") or tok.eos_token_id
+    elif isinstance(rec.get("prompt"), str) and isinstance(rec.get("completion"), str):
+        prompt = tok.encode(rec["prompt"])
+        resp = tok.encode(rec["completion"], add_special_tokens=False)
+        if eos_id is None:
+            eos_id = tok.eos_token_id
+    else:
+        raise DataError(f"{where}: expected string fields 'prompt' and 'completion', or 'messages'")
+    if append_eos and eos_id is not None:
+        resp = resp + [eos_id]
+    if not resp:
+        raise DataError(f"{where}: the completion is empty")
+    return Example(list(prompt), list(resp))
+
+
+def collate(examples: list[Example], canvas_length: int, pad_id: int,
+            generator: torch.Generator | None = None) -> Batch:
+    """Right-pad prompt+response and choose one canvas per example uniformly among those holding response tokens."""
+    L = canvas_length
+    B = len(examples)
+    lens = [len(e.prompt) + len(e.response) for e in examples]
+    S = max(lens)
+    ids = torch.full((B, S), pad_id, dtype=torch.long)
+    valid = torch.zeros(B, S, dtype=torch.bool)
+    start = torch.zeros(B, dtype=torch.long)
+    sup = torch.zeros(B, L, dtype=torch.bool)
+    canvas = torch.full((B, L), pad_id, dtype=torch.long)
+    for b, e in enumerate(examples):
+        seq = e.prompt + e.response
+        ids[b, : len(seq)] = torch.tensor(seq)
+        valid[b, : len(seq)] = True
+        n_canvases = math.ceil(len(e.response) / L)
+        k = int(torch.randint(0, n_canvases, (1,), generator=generator))
+        chunk = e.response[k * L:(k + 1) * L]
+        start[b] = len(e.prompt) + k * L
+        canvas[b, : len(chunk)] = torch.tensor(chunk)
+        sup[b, : len(chunk)] = True
+    return Batch(ids, valid, start, sup, canvas)

@@ -1,0 +1,151 @@
+"""The uniform-state diffusion objective (spec §6.1), on the same backbone dgemma generates with.
+
+Per example: t ~ U(t_lo, 1); one canvas of the response is chosen uniformly among those holding supervised
+tokens; each supervised token of that canvas becomes a uniformly random token with probability t (no mask token;
+padding is never corrupted or scored). The encoder runs once over the *clean* sequence — its causal KV up to the
+chosen canvas is exactly the prefix the decoder reads, and its logits give the optional next-token loss. The decoder
+runs twice (self-conditioning): pass 1 without gradients and without a signal; for a random half of the examples its
+logits feed pass 2 as soft embeddings, the others get a zero signal through the mask. Only pass 2 is trained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import SLIDING
+from ..model import Backbone
+
+
+@dataclass
+class ObjectiveConfig:
+    t_lo: float = 1e-3  # t ~ U(t_lo, 1)
+    sc_prob: float = 0.5  # fraction of examples whose pass 2 gets the pass-1 self-conditioning signal
+    ar_weight: float = 1.0  # encoder next-token loss weight (0 disables it)
+    weighting: str = "none"  # "none": flat mean CE; "inv_1mt": weight 1/(1−t), clipped at `max_weight`
+    max_weight: float = 10.0
+
+
+@dataclass
+class Batch:
+    """Right-padded clean sequences and the chosen canvas per example."""
+
+    ids: torch.Tensor  # [B, S] prompt + response (+ pad)
+    valid: torch.Tensor  # [B, S] bool: real tokens
+    canvas_start: torch.Tensor  # [B] position of the chosen canvas
+    supervised: torch.Tensor  # [B, L] bool: canvas positions holding response tokens (scored, corruptible)
+    canvas: torch.Tensor  # [B, L] clean canvas tokens (pad where not supervised)
+
+    def to(self, device: torch.device) -> "Batch":
+        return Batch(*(getattr(self, f).to(device) for f in ("ids", "valid", "canvas_start", "supervised", "canvas")))
+
+
+def corrupt(canvas: torch.Tensor, supervised: torch.Tensor, t: torch.Tensor, vocab: int,
+            generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace each supervised token by a uniform random token with probability t[b]. Returns (noisy, mask)."""
+    u = torch.rand(canvas.shape, generator=generator, device=canvas.device)
+    mask = (u < t[:, None]) & supervised
+    noise = torch.randint(0, vocab, canvas.shape, generator=generator, device=canvas.device)
+    return torch.where(mask, noise, canvas), mask
+
+
+def encode_clean(bb: Backbone, ids: torch.Tensor, valid: torch.Tensor):
+    """Causal pass over whole right-padded sequences (with gradients). Returns the last hidden state [B, S, H]
+    and each layer's (k, v) [B, g, S, d]."""
+    B, S = ids.shape
+    dev = ids.device
+    pos = torch.arange(S, device=dev)
+    rope = bb._rope(pos)
+    masks = {}
+    for t in set(bb.cfg.layer_types):
+        allowed = pos[None, :] <= pos[:, None]
+        if t == SLIDING:
+            allowed = allowed & (pos[None, :] > pos[:, None] - bb.cfg.sliding_window)
+        masks[t] = bb._additive(allowed[None] & valid[:, None, :])
+    x = bb.embed(ids)
+    kvs = []
+    for li, layer in enumerate(bb.layers):
+        t = bb.cfg.layer_types[li]
+        q, k, v = layer.self_attn.qkv(layer.input_layernorm(x), *rope[t])
+        x = x + layer.post_attention_layernorm(layer.self_attn.attend(q, k, v, masks[t]))
+        x = layer.ffn(x) * layer.enc_layer_scalar
+        kvs.append((k, v))
+    return x, kvs
+
+
+def denoise_at(bb: Backbone, canvas: torch.Tensor, start: torch.Tensor, kvs, valid: torch.Tensor,
+               sc: torch.Tensor | None = None, sc_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Decoder pass over canvases [B, L] at per-row positions start[b] + [0, L), reading the clean prefix
+    [0, start[b]) from `kvs` (sliding layers: its last W−1 tokens). Returns fp32 logits [B, L, V]."""
+    B, L = canvas.shape
+    S = valid.shape[1]
+    dev = canvas.device
+    cpos = start[:, None] + torch.arange(L, device=dev)[None]  # [B, L]
+    rope = bb._rope(cpos)  # per-row positions -> cos/sin [B, L, d]
+    j = torch.arange(S, device=dev)[None, :]
+    masks = {}
+    for t in set(bb.cfg.layer_types):
+        pre = valid & (j < start[:, None])
+        if t == SLIDING:
+            pre = pre & (j >= start[:, None] - (bb.cfg.sliding_window - 1))
+        allowed = torch.cat([pre, pre.new_ones(B, L)], dim=1)[:, None, :].expand(B, L, S + L)
+        masks[t] = bb._additive(allowed)
+    if sc is not None and sc_mask is not None:
+        sc = sc * sc_mask.to(sc.dtype)[:, None, None]
+    x = bb.self_conditioning(bb.embed(canvas), sc)
+    for li, layer in enumerate(bb.layers):
+        t = bb.cfg.layer_types[li]
+        attn = layer.self_attn
+        q, k, v = attn.qkv(layer.input_layernorm(x), *rope[t])
+        kp, vp = kvs[li]
+        a = attn.attend(q, torch.cat([kp, k], 2), torch.cat([vp, v], 2), masks[t])
+        x = x + layer.post_attention_layernorm(a)
+        x = layer.ffn(x) * layer.layer_scalar
+    return bb.logits(x)
+
+
+class DiffusionObjective(nn.Module):
+    """Wraps the backbone so `forward(batch)` returns the loss (what DDP wraps)."""
+
+    def __init__(self, backbone: Backbone, cfg: ObjectiveConfig):
+        super().__init__()
+        self.backbone = backbone
+        self.cfg = cfg
+
+    def forward(self, batch: Batch, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        bb, cfg = self.backbone, self.cfg
+        B = batch.ids.shape[0]
+        dev = batch.ids.device
+        V = bb.cfg.vocab_size
+        t = cfg.t_lo + (1 - cfg.t_lo) * torch.rand(B, generator=generator, device=dev)
+        noisy, _ = corrupt(batch.canvas, batch.supervised, t, V, generator)
+        h, kvs = encode_clean(bb, batch.ids, batch.valid)
+        with torch.no_grad():  # pass 1: no signal, no gradients
+            first = denoise_at(bb, noisy, batch.canvas_start, [(k.detach(), v.detach()) for k, v in kvs],
+                               batch.valid)
+            sc = bb.soft_embed(first)
+        use_sc = torch.rand(B, generator=generator, device=dev) < cfg.sc_prob
+        logits = denoise_at(bb, noisy, batch.canvas_start, kvs, batch.valid, sc, use_sc)
+        ce = F.cross_entropy(logits.transpose(1, 2), batch.canvas, reduction="none")  # [B, L]
+        sup = batch.supervised.float()
+        if cfg.weighting == "inv_1mt":
+            w = (1.0 / (1.0 - t).clamp_min(1e-6)).clamp_max(cfg.max_weight)
+            sup = sup * w[:, None]
+        elif cfg.weighting != "none":
+            raise ValueError(f"unknown loss weighting {cfg.weighting!r}; expected 'none' or 'inv_1mt'")
+        diff = (ce * sup).sum() / batch.supervised.float().sum().clamp_min(1.0)
+        out = {"diffusion_loss": diff, "loss": diff}
+        if cfg.ar_weight > 0:
+            ar_logits = bb.logits(h[:, :-1])
+            tgt_ok = batch.valid[:, 1:] & batch.valid[:, :-1]
+            ar = F.cross_entropy(ar_logits.transpose(1, 2), batch.ids[:, 1:], reduction="none")
+            ar = (ar * tgt_ok).sum() / tgt_ok.sum().clamp_min(1)
+            out["ar_loss"] = ar
+            out["loss"] = diff + cfg.ar_weight * ar
+        with torch.no_grad():
+            pred = logits.argmax(-1)
+            out["canvas_accuracy"] = ((pred == batch.canvas) & batch.supervised).sum() / batch.supervised.sum().clamp_min(1)
+        return out

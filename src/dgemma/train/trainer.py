@@ -1,0 +1,315 @@
+"""A plain PyTorch training loop for the diffusion objective; runs as-is under `torchrun` (DDP).
+
+AdamW, linear warm-up + cosine decay, gradient clipping and accumulation, bf16 autocast on CUDA, frozen router,
+optional LoRA (merged on export). Checkpoints are HF-format DiffusionGemma directories (`dgemma generate` and
+transformers load them) plus `trainer_state.pt`; a rerun with the same `out` resumes from the last one.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..api import load
+from ..errors import DGemmaError
+from .data import collate, load_jsonl
+from .lora import apply_lora, export_state, lora_state
+from .objective import DiffusionObjective, ObjectiveConfig
+
+
+@dataclass
+class TrainConfig:
+    model: str = ""  # checkpoint directory to start from
+    data: str = ""  # JSONL: {"prompt","completion"} or {"messages"}
+    out: str = "runs/train"
+    steps: int = 1000
+    batch_size: int = 8  # per process, per micro-step
+    grad_accum: int = 1
+    lr: float = 1.5e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr · this
+    warmup_steps: int = 50
+    weight_decay: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.95, 0.99])
+    grad_clip: float = 1.0
+    max_len: int = 2048
+    append_eos: bool = True
+    freeze_router: bool = True
+    lora_rank: int = 0  # 0 = full fine-tuning
+    lora_alpha: float = 32.0
+    t_lo: float = 1e-3
+    sc_prob: float = 0.5
+    ar_weight: float = 1.0
+    weighting: str = "none"
+    save_every: int = 500
+    log_every: int = 10
+    keep_checkpoints: int = 2
+    seed: int = 0
+    device: str | None = None
+    tensorboard: bool = False
+
+    @classmethod
+    def from_file(cls, path: str | Path | None, overrides: dict[str, Any] | None = None) -> "TrainConfig":
+        raw: dict[str, Any] = {}
+        if path is not None:
+            raw = _read_config_file(Path(path))
+        raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise DGemmaError(f"unknown training option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        cfg = cls(**raw)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if not self.model:
+            raise DGemmaError("no model given: set `model` (a checkpoint directory) in the config or --model")
+        if not self.data:
+            raise DGemmaError("no training data given: set `data` (a JSONL file) in the config or --data")
+        for name in ("steps", "batch_size", "grad_accum", "max_len", "save_every", "log_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise DGemmaError(f"{name}={v!r} is invalid; expected a positive integer")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise DGemmaError(f"lr={self.lr!r} is invalid; expected a number > 0")
+        if not 0 <= self.sc_prob <= 1:
+            raise DGemmaError(f"sc_prob={self.sc_prob!r} is invalid; expected a probability in [0, 1]")
+        if not 0 < self.t_lo < 1:
+            raise DGemmaError(f"t_lo={self.t_lo!r} is invalid; expected a number in (0, 1)")
+        if self.weighting not in ("none", "inv_1mt"):
+            raise DGemmaError(f"weighting={self.weighting!r} is invalid; expected 'none' or 'inv_1mt'")
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise DGemmaError(f"{path}: config file not found")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml  # optional: PyYAML
+
+            data = yaml.safe_load(text) or {}
+        else:
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib  # type: ignore[no-redef]
+            data = tomllib.loads(text)
+    except ModuleNotFoundError as e:
+        raise DGemmaError(f"{path}: reading this format needs the '{e.name}' package (pip install {e.name})") from None
+    except Exception as e:  # parse errors from either library
+        raise DGemmaError(f"{path}: cannot parse config ({e})") from None
+    if not isinstance(data, dict):
+        raise DGemmaError(f"{path}: expected a table/mapping of options at the top level")
+    return data
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to lr, then cosine decay to lr · min_lr_ratio at `steps`."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    p = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+
+
+def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
+    """Run (or resume) training; returns the final checkpoint directory."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if cfg.device:
+        device = torch.device(cfg.device)
+    else:
+        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    out = Path(cfg.out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+
+    model = load(cfg.model, dtype=torch.float32, device=device)  # fp32 master weights
+    bb = model.backbone
+    bb.train()
+    bb.requires_grad_(True)
+    if cfg.freeze_router:
+        for layer in bb.layers:
+            layer.router.requires_grad_(False)
+    if cfg.lora_rank > 0:
+        apply_lora(bb, cfg.lora_rank, cfg.lora_alpha)
+
+    state_path = _last_checkpoint(out)
+    start_step = 0
+    trainer_state = None
+    if state_path is not None:
+        trainer_state = torch.load(state_path / "trainer_state.pt", map_location=device, weights_only=False)
+        start_step = trainer_state["step"]
+        if cfg.lora_rank > 0:
+            bb.load_state_dict(trainer_state["lora"], strict=False)
+        else:
+            resumed = load(state_path, dtype=torch.float32, device=device)
+            with torch.no_grad():
+                for (n, p), (_, q) in zip(bb.named_parameters(), resumed.backbone.named_parameters()):
+                    p.copy_(q)
+            del resumed
+
+    examples = load_jsonl(cfg.data, model.tokenizer, max_len=cfg.max_len, append_eos=cfg.append_eos)
+    objective = DiffusionObjective(bb, ObjectiveConfig(cfg.t_lo, cfg.sc_prob, cfg.ar_weight, cfg.weighting))
+    wrapped: torch.nn.Module = objective
+    if world > 1:
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            objective, device_ids=[local] if device.type == "cuda" else None)
+    params = [p for p in bb.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
+    data_gen = torch.Generator().manual_seed(cfg.seed)
+    if trainer_state is not None:
+        opt.load_state_dict(trainer_state["optimizer"])
+        gen.set_state(trainer_state["gen"].cpu() if device.type == "cpu" else trainer_state["gen"])
+        data_gen.set_state(trainer_state["data_gen"])
+
+    order: list[int] = []
+    L = model.config.canvas_length
+    pad = model.generation_config.pad_token_id if model.generation_config.pad_token_id is not None else 0
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
+    log_f, writer, tb = None, None, None
+    if rank == 0:
+        new = not (out / "metrics.csv").exists()
+        log_f = open(out / "metrics.csv", "a", newline="")
+        writer = csv.writer(log_f)
+        if new:
+            writer.writerow(["step", "loss", "diffusion_loss", "ar_loss", "canvas_accuracy", "lr", "tokens_per_s",
+                             "elapsed_s"])
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            tb = SummaryWriter(str(out / "tb"))
+    progress = _Progress(cfg.steps, start_step, enabled=show_progress and rank == 0)
+    t0, tokens, acc = time.perf_counter(), 0, {}
+    step = start_step
+    try:
+        for step in range(start_step, cfg.steps):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg)
+            for micro in range(cfg.grad_accum):
+                batch_ex = []
+                while len(batch_ex) < cfg.batch_size:
+                    if not order:
+                        perm = torch.randperm(len(examples), generator=data_gen).tolist()
+                        order = perm[rank::world] or perm
+                    batch_ex.append(examples[order.pop()])
+                batch = collate(batch_ex, L, pad, data_gen).to(device)
+                sync = world == 1 or micro == cfg.grad_accum - 1
+                ctx = wrapped.no_sync() if not sync else _null()
+                with ctx, autocast:
+                    res = wrapped(batch, gen)
+                    (res["loss"] / cfg.grad_accum).backward()
+                tokens += int(batch.valid.sum()) + int(batch.supervised.sum())
+                for k, v in res.items():
+                    acc[k] = acc.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                n = cfg.log_every if done % cfg.log_every == 0 else done % cfg.log_every
+                mean = {k: v / n for k, v in acc.items()}
+                elapsed = time.perf_counter() - t0
+                tps = tokens * world / max(elapsed, 1e-9)
+                if writer is not None:
+                    writer.writerow([done, f"{mean.get('loss', 0):.5f}", f"{mean.get('diffusion_loss', 0):.5f}",
+                                     f"{mean.get('ar_loss', 0):.5f}", f"{mean.get('canvas_accuracy', 0):.4f}",
+                                     f"{lr_at(step, cfg):.3e}", f"{tps:.0f}", f"{elapsed:.1f}"])
+                    log_f.flush()
+                if tb is not None:
+                    for k, v in mean.items():
+                        tb.add_scalar(k, v, done)
+                progress.update(done, mean.get("loss", 0.0), tps)
+                acc = {}
+            if done % cfg.save_every == 0 or done == cfg.steps:
+                _save(model, bb, opt, gen, data_gen, done, out, cfg, rank)
+    finally:
+        progress.close()
+        if log_f is not None:
+            log_f.close()
+        if tb is not None:
+            tb.close()
+    if world > 1:
+        dist.barrier()
+    return out / f"checkpoint-{cfg.steps}"
+
+
+def _save(model, bb, opt, gen, data_gen, step: int, out: Path, cfg: TrainConfig, rank: int) -> None:
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        from ..api import save_model
+
+        d = out / f"checkpoint-{step}"
+        tmp = out / f".checkpoint-{step}.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        save_model(model, tmp, state=export_state(bb))
+        torch.save({"step": step, "optimizer": opt.state_dict(), "gen": gen.get_state(),
+                    "data_gen": data_gen.get_state(), "lora": lora_state(bb) if cfg.lora_rank > 0 else None,
+                    "config": asdict(cfg)}, tmp / "trainer_state.pt")
+        if d.exists():
+            shutil.rmtree(d)
+        tmp.rename(d)
+        (out / "last").write_text(d.name + "\n")
+        kept = sorted((p for p in out.glob("checkpoint-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
+        for old in kept[: max(0, len(kept) - cfg.keep_checkpoints)]:
+            shutil.rmtree(old)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _last_checkpoint(out: Path) -> Path | None:
+    marker = out / "last"
+    if marker.is_file():
+        d = out / marker.read_text().strip()
+        if (d / "trainer_state.pt").is_file():
+            return d
+    return None
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+class _Progress:
+    """A rich progress bar with loss and tokens/s (rank 0 only)."""
+
+    def __init__(self, total: int, start: int, enabled: bool):
+        self.p = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.p = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
+                              TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:.0f} tok/s"),
+                              TimeRemainingColumn(), transient=False)
+            self.task = self.p.add_task("train", total=total, completed=start, loss=float("nan"), tps=0.0)
+            self.p.start()
+
+    def update(self, done: int, loss: float, tps: float) -> None:
+        if self.p is not None:
+            self.p.update(self.task, completed=done, loss=loss, tps=tps)
+
+    def close(self) -> None:
+        if self.p is not None:
+            self.p.stop()
