@@ -72,13 +72,23 @@ def random_tensor(name: str, shape: tuple[int, ...], seed: int, embed_std: float
 def init_checkpoint(preset: str, out_dir: str | Path, seed: int = 0, dtype: str | None = None,
                     max_shard_bytes: int = 2 * 1024**3, progress: Callable[[int, int], None] | None = None) -> Path:
     """Write a random checkpoint (config, generation config, weights, tokenizer) for `preset` into `out_dir`."""
+    from .tokenizer import build_tokenizer
+
+    cfg, gcfg = preset_config(preset)
+    return init_from_config(cfg, gcfg, build_tokenizer(cfg.text.vocab_size), out_dir, seed=seed, dtype=dtype,
+                            embed_std=PRESETS[preset]["embed_std"], max_shard_bytes=max_shard_bytes,
+                            progress=progress)
+
+
+def init_from_config(cfg: ModelConfig, gcfg: GenerationConfig, tokenizer: Any, out_dir: str | Path, *,
+                     seed: int = 0, dtype: str | None = None, embed_std: float = 0.02,
+                     max_shard_bytes: int = 2 * 1024**3, progress: Callable[[int, int], None] | None = None) -> Path:
+    """Write a randomly initialised checkpoint for any config and tokenizer (e.g. a model trained from scratch)."""
     import torch
 
     from . import checkpoint
     from .api import resolve_dtype
-    from .tokenizer import build_tokenizer
 
-    cfg, gcfg = preset_config(preset)
     tdtype = resolve_dtype(dtype, cfg.dtype)
     cfg.dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[tdtype]
     out = Path(out_dir)
@@ -97,13 +107,12 @@ def init_checkpoint(preset: str, out_dir: str | Path, seed: int = 0, dtype: str 
         if progress:
             progress(done, total)
 
-    embed_std = PRESETS[preset]["embed_std"]
     checkpoint.write_weights(
         out, sizes, lambda k: random_tensor(keys[k], shapes[keys[k]], seed, embed_std).to(tdtype),
         max_shard_bytes, on_shard)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(gcfg.to_hf_dict(), indent=2) + "\n")
-    build_tokenizer(cfg.text.vocab_size).save(out)
+    tokenizer.save(out)
     return out
 
 

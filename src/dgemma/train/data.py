@@ -99,14 +99,16 @@ def collate(examples: list[Example], canvas_length: int, pad_id: int,
     start = torch.zeros(B, dtype=torch.long)
     sup = torch.zeros(B, L, dtype=torch.bool)
     canvas = torch.full((B, L), pad_id, dtype=torch.long)
+    response = torch.zeros(B, S, dtype=torch.bool)
     for b, e in enumerate(examples):
         seq = e.prompt + e.response
         ids[b, : len(seq)] = torch.tensor(seq)
         valid[b, : len(seq)] = True
+        response[b, len(e.prompt): len(seq)] = True
         n_canvases = math.ceil(len(e.response) / L)
         k = int(torch.randint(0, n_canvases, (1,), generator=generator))
         chunk = e.response[k * L:(k + 1) * L]
         start[b] = len(e.prompt) + k * L
         canvas[b, : len(chunk)] = torch.tensor(chunk)
         sup[b, : len(chunk)] = True
-    return Batch(ids, valid, start, sup, canvas)
+    return Batch(ids, valid, start, sup, canvas, response)

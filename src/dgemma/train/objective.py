@@ -27,6 +27,7 @@ class ObjectiveConfig:
     ar_weight: float = 1.0  # encoder next-token loss weight (0 disables it)
     weighting: str = "none"  # "none": flat mean CE; "inv_1mt": weight 1/(1−t), clipped at `max_weight`
     max_weight: float = 10.0
+    mode: str = "diffusion"  # "ar": next-token loss on the response only (the autoregressive baseline)
 
 
 @dataclass
@@ -38,9 +39,11 @@ class Batch:
     canvas_start: torch.Tensor  # [B] position of the chosen canvas
     supervised: torch.Tensor  # [B, L] bool: canvas positions holding response tokens (scored, corruptible)
     canvas: torch.Tensor  # [B, L] clean canvas tokens (pad where not supervised)
+    response: torch.Tensor  # [B, S] bool: response tokens (targets of the AR baseline's loss)
 
     def to(self, device: torch.device) -> "Batch":
-        return Batch(*(getattr(self, f).to(device) for f in ("ids", "valid", "canvas_start", "supervised", "canvas")))
+        return Batch(*(getattr(self, f).to(device) for f in
+                       ("ids", "valid", "canvas_start", "supervised", "canvas", "response")))
 
 
 def corrupt(canvas: torch.Tensor, supervised: torch.Tensor, t: torch.Tensor, vocab: int,
@@ -116,6 +119,8 @@ class DiffusionObjective(nn.Module):
         self.cfg = cfg
 
     def forward(self, batch: Batch, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        if self.cfg.mode == "ar":
+            return self._ar_only(batch)
         bb, cfg = self.backbone, self.cfg
         B = batch.ids.shape[0]
         dev = batch.ids.device
@@ -149,3 +154,15 @@ class DiffusionObjective(nn.Module):
             pred = logits.argmax(-1)
             out["canvas_accuracy"] = ((pred == batch.canvas) & batch.supervised).sum() / batch.supervised.sum().clamp_min(1)
         return out
+
+    def _ar_only(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Next-token cross-entropy on the response tokens only (SFT-style), through the causal encoder."""
+        bb = self.backbone
+        h, _ = encode_clean(bb, batch.ids, batch.valid)
+        logits = bb.logits(h[:, :-1])
+        tgt = batch.response[:, 1:]
+        ce = F.cross_entropy(logits.transpose(1, 2), batch.ids[:, 1:], reduction="none")
+        loss = (ce * tgt).sum() / tgt.sum().clamp_min(1)
+        with torch.no_grad():
+            acc = ((logits.argmax(-1) == batch.ids[:, 1:]) & tgt).sum() / tgt.sum().clamp_min(1)
+        return {"loss": loss, "ar_loss": loss, "canvas_accuracy": acc}

@@ -50,6 +50,7 @@ class TrainConfig:
     sc_prob: float = 0.5
     ar_weight: float = 1.0
     weighting: str = "none"
+    objective: str = "diffusion"  # or "ar": next-token loss on responses only (autoregressive baseline)
     save_every: int = 500
     log_every: int = 10
     keep_checkpoints: int = 2
@@ -86,6 +87,8 @@ class TrainConfig:
             raise DGemmaError(f"sc_prob={self.sc_prob!r} is invalid; expected a probability in [0, 1]")
         if not 0 < self.t_lo < 1:
             raise DGemmaError(f"t_lo={self.t_lo!r} is invalid; expected a number in (0, 1)")
+        if self.objective not in ("diffusion", "ar"):
+            raise DGemmaError(f"objective={self.objective!r} is invalid; expected 'diffusion' or 'ar'")
         if self.weighting not in ("none", "inv_1mt"):
             raise DGemmaError(f"weighting={self.weighting!r} is invalid; expected 'none' or 'inv_1mt'")
 
@@ -164,7 +167,8 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
             del resumed
 
     examples = load_jsonl(cfg.data, model.tokenizer, max_len=cfg.max_len, append_eos=cfg.append_eos)
-    objective = DiffusionObjective(bb, ObjectiveConfig(cfg.t_lo, cfg.sc_prob, cfg.ar_weight, cfg.weighting))
+    objective = DiffusionObjective(bb, ObjectiveConfig(cfg.t_lo, cfg.sc_prob, cfg.ar_weight, cfg.weighting,
+                                                        mode=cfg.objective))
     wrapped: torch.nn.Module = objective
     if world > 1:
         wrapped = torch.nn.parallel.DistributedDataParallel(
