@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import secrets
 import shutil
 import sys
@@ -189,7 +190,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             over[k.strip()] = v
     cfg = TrainConfig.from_file(args.config, over)
     final = train(cfg, show_progress=not args.quiet)
-    print(f"trained checkpoint: {final}", file=sys.stderr)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"trained checkpoint: {final}", file=sys.stderr)
     return 0
 
 

@@ -177,12 +177,14 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
     data_gen = torch.Generator().manual_seed(cfg.seed)
+    order: list[int] = []  # the rest of this rank's current epoch
     if trainer_state is not None:
         opt.load_state_dict(trainer_state["optimizer"])
-        gen.set_state(trainer_state["gen"].cpu() if device.type == "cpu" else trainer_state["gen"])
-        data_gen.set_state(trainer_state["data_gen"])
+        mine = trainer_state["ranks"][rank] if rank < len(trainer_state["ranks"]) else trainer_state["ranks"][0]
+        gen.set_state(mine["gen"].cpu() if device.type == "cpu" else mine["gen"])
+        data_gen.set_state(mine["data_gen"])
+        order = list(mine["order"])
 
-    order: list[int] = []
     L = model.config.canvas_length
     pad = model.generation_config.pad_token_id if model.generation_config.pad_token_id is not None else 0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
@@ -199,7 +201,7 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
 
             tb = SummaryWriter(str(out / "tb"))
     progress = _Progress(cfg.steps, start_step, enabled=show_progress and rank == 0)
-    t0, tokens, acc = time.perf_counter(), 0, {}
+    t0, tokens, acc, acc_steps = time.perf_counter(), 0, {}, 0
     step = start_step
     try:
         for step in range(start_step, cfg.steps):
@@ -226,9 +228,9 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
             opt.step()
             opt.zero_grad(set_to_none=True)
             done = step + 1
+            acc_steps += 1
             if done % cfg.log_every == 0 or done == cfg.steps:
-                n = cfg.log_every if done % cfg.log_every == 0 else done % cfg.log_every
-                mean = {k: v / n for k, v in acc.items()}
+                mean = {k: v / acc_steps for k, v in acc.items()}
                 elapsed = time.perf_counter() - t0
                 tps = tokens * world / max(elapsed, 1e-9)
                 if writer is not None:
@@ -240,9 +242,10 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
                     for k, v in mean.items():
                         tb.add_scalar(k, v, done)
                 progress.update(done, mean.get("loss", 0.0), tps)
-                acc = {}
+                acc, acc_steps = {}, 0
             if done % cfg.save_every == 0 or done == cfg.steps:
-                _save(model, bb, opt, gen, data_gen, done, out, cfg, rank)
+                _save(model, bb, opt, {"gen": gen.get_state(), "data_gen": data_gen.get_state(), "order": list(order)},
+                      done, out, cfg, rank)
     finally:
         progress.close()
         if log_f is not None:
@@ -254,9 +257,13 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
     return out / f"checkpoint-{cfg.steps}"
 
 
-def _save(model, bb, opt, gen, data_gen, step: int, out: Path, cfg: TrainConfig, rank: int) -> None:
+def _save(model, bb, opt, rank_state: dict, step: int, out: Path, cfg: TrainConfig, rank: int) -> None:
+    """Rank 0 writes the checkpoint; every rank's RNG and data-order state is gathered into it so a resume
+    continues each rank's streams exactly."""
+    ranks = [rank_state]
     if dist.is_initialized():
-        dist.barrier()
+        ranks = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in rank_state.items()})
     if rank == 0:
         from ..api import save_model
 
@@ -265,9 +272,9 @@ def _save(model, bb, opt, gen, data_gen, step: int, out: Path, cfg: TrainConfig,
         if tmp.exists():
             shutil.rmtree(tmp)
         save_model(model, tmp, state=export_state(bb))
-        torch.save({"step": step, "optimizer": opt.state_dict(), "gen": gen.get_state(),
-                    "data_gen": data_gen.get_state(), "lora": lora_state(bb) if cfg.lora_rank > 0 else None,
-                    "config": asdict(cfg)}, tmp / "trainer_state.pt")
+        torch.save({"step": step, "optimizer": opt.state_dict(), "ranks": ranks,
+                    "lora": lora_state(bb) if cfg.lora_rank > 0 else None, "config": asdict(cfg)},
+                   tmp / "trainer_state.pt")
         if d.exists():
             shutil.rmtree(d)
         tmp.rename(d)
