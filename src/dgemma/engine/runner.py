@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..config import SLIDING
 from ..model import Backbone
-from ..model.layers import Layer, gelu_tanh, rms_norm_noscale, rope_cos_sin
+from ..model.layers import Layer, gelu_tanh, rms_norm_noscale
 from .kv import SeqKV
 
 

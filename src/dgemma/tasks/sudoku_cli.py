@@ -18,7 +18,6 @@ from typing import Any, Sequence
 from rich.console import Console, Group, RenderableType
 from rich.text import Text
 
-from ..errors import DGemmaError
 from ..watch import ACCEPTED_STYLE, DRAFT_STYLE, HEADER_STYLE, CanvasWatcher, StepView
 from .sudoku import (BUCKETS, SUDOKU_CANVAS, SudokuError, _digit_table, check_answer, count_solutions,
                      decode_answer, default_model_dir, encode_prompt, evaluate, format_board, generate_puzzles,
@@ -194,28 +193,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m dgemma.tasks.sudoku_cli sudoku ...`: the same conventions as the `dgemma` main."""
-    parser = argparse.ArgumentParser(prog="dgemma")
-    add_sudoku_parser(parser.add_subparsers(dest="command", metavar="COMMAND"))
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
-    if args.command is None:
-        parser.print_help(sys.stderr)
-        return 2
-    try:
-        return args.func(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except DGemmaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        msg = f"{e.filename}: {e.strerror}" if e.filename is not None and e.strerror else str(e)
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
+    """`python -m dgemma.tasks.sudoku_cli sudoku ...`: the `dgemma` command itself (same parser, same errors)."""
+    from ..cli import main as dgemma_main
+
+    return dgemma_main(list(sys.argv[1:] if argv is None else argv))
 
 
 # ===========================================================================================================
