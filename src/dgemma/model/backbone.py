@@ -34,7 +34,10 @@ class SelfConditioning(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.eps = cfg.rms_norm_eps
 
-    def forward(self, e: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, e: torch.Tensor, s: torch.Tensor | None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """mask [B] (optional) zeroes the signal per row, exactly like passing no signal for that row."""
+        if s is not None and mask is not None:
+            s = s * mask.to(s.dtype)[:, None, None]
         if s is None:  # zero signal: MLP(pre_norm(0)) is exactly 0, so skip it
             return rms_norm_noscale(e, self.eps)
         n = self.pre_norm(s)
@@ -112,9 +115,8 @@ class Backbone(nn.Module):
             cache.keys[li][:, :, P:P + S] = k
             cache.values[li][:, :, P:P + S] = v
             lo = cache.start(li, P)
-            a = attn.attend(q, cache.keys[li][:, :, lo:P + S], cache.values[li][:, :, lo:P + S], masks[t])
-            x = x + layer.post_attention_layernorm(a)
-            x = layer.ffn(x) * layer.enc_layer_scalar
+            x = layer.finish(x, q, cache.keys[li][:, :, lo:P + S], cache.values[li][:, :, lo:P + S], masks[t],
+                             layer.enc_layer_scalar)
         cache.length = P + S
         return self.norm(x) if final_norm else x
 
@@ -142,9 +144,7 @@ class Backbone(nn.Module):
             else:
                 allowed = torch.cat([prefix, prefix.new_ones(B, L)], dim=1)[:, None, :].expand(B, L, P - lo + L)
                 masks[t] = self._additive(allowed)
-        if sc is not None and sc_mask is not None:
-            sc = sc * sc_mask.to(sc.dtype)[:, None, None]
-        x = self.self_conditioning(self.embed(canvas), sc)
+        x = self.self_conditioning(self.embed(canvas), sc, sc_mask)
         for li, layer in enumerate(self.layers):
             t = self.cfg.layer_types[li]
             attn = layer.self_attn
@@ -152,9 +152,7 @@ class Backbone(nn.Module):
             lo = cache.start(li, P)
             kk = torch.cat([cache.keys[li][:, :, lo:P], k], dim=2)
             vv = torch.cat([cache.values[li][:, :, lo:P], v], dim=2)
-            a = attn.attend(q, kk, vv, masks[t])
-            x = x + layer.post_attention_layernorm(a)
-            x = layer.ffn(x) * layer.layer_scalar
+            x = layer.finish(x, q, kk, vv, masks[t], layer.layer_scalar)
         return self.logits(x)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:

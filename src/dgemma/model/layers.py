@@ -224,6 +224,13 @@ class Layer(nn.Module):
         self.register_buffer("layer_scalar", torch.ones(1))
         self.register_buffer("enc_layer_scalar", torch.ones(1))
 
+    def finish(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               scalar: torch.Tensor) -> torch.Tensor:
+        """The rest of the layer once q/k/v are known: attention + residual, FFN, then the layer scalar
+        (`layer_scalar` in the decoder, `enc_layer_scalar` in the encoder)."""
+        x = x + self.post_attention_layernorm(self.self_attn.attend(q, k, v, mask))
+        return self.ffn(x) * scalar
+
     def ffn(self, x: torch.Tensor) -> torch.Tensor:
         """Everything after attention; x is the residual stream after the attention add."""
         h1 = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))

@@ -73,8 +73,7 @@ def encode_clean(bb: Backbone, ids: torch.Tensor, valid: torch.Tensor):
     for li, layer in enumerate(bb.layers):
         t = bb.cfg.layer_types[li]
         q, k, v = layer.self_attn.qkv(layer.input_layernorm(x), *rope[t])
-        x = x + layer.post_attention_layernorm(layer.self_attn.attend(q, k, v, masks[t]))
-        x = layer.ffn(x) * layer.enc_layer_scalar
+        x = layer.finish(x, q, k, v, masks[t], layer.enc_layer_scalar)
         kvs.append((k, v))
     return x, kvs
 
@@ -96,17 +95,13 @@ def denoise_at(bb: Backbone, canvas: torch.Tensor, start: torch.Tensor, kvs, val
             pre = pre & (j >= start[:, None] - (bb.cfg.sliding_window - 1))
         allowed = torch.cat([pre, pre.new_ones(B, L)], dim=1)[:, None, :].expand(B, L, S + L)
         masks[t] = bb._additive(allowed)
-    if sc is not None and sc_mask is not None:
-        sc = sc * sc_mask.to(sc.dtype)[:, None, None]
-    x = bb.self_conditioning(bb.embed(canvas), sc)
+    x = bb.self_conditioning(bb.embed(canvas), sc, sc_mask)
     for li, layer in enumerate(bb.layers):
         t = bb.cfg.layer_types[li]
         attn = layer.self_attn
         q, k, v = attn.qkv(layer.input_layernorm(x), *rope[t])
         kp, vp = kvs[li]
-        a = attn.attend(q, torch.cat([kp, k], 2), torch.cat([vp, v], 2), masks[t])
-        x = x + layer.post_attention_layernorm(a)
-        x = layer.ffn(x) * layer.layer_scalar
+        x = layer.finish(x, q, torch.cat([kp, k], 2), torch.cat([vp, v], 2), masks[t], layer.layer_scalar)
     return bb.logits(x)
 
 
