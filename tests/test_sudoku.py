@@ -149,6 +149,26 @@ def test_generator_exact_clue_count_and_errors():
         S.generate_puzzles(1, workers=0)
 
 
+def test_augment_keeps_clues_uniqueness_and_maps_the_solution(generated):
+    import random
+
+    rng = random.Random(0)
+    for puzzle, solution in generated[:6]:
+        images = set()
+        for _ in range(4):
+            p, s = S.augment(puzzle, solution, rng)
+            assert S.clue_count(p) == S.clue_count(puzzle)
+            assert S.is_valid_solution(s) and S.solves(s, p)
+            assert S.count_solutions(p) == 1 and S.solve(p) == s
+            # a cell's clue and its solution digit move together: same blank pattern size, digits relabelled
+            assert sorted(p.count(d) for d in "123456789") == sorted(puzzle.count(d) for d in "123456789")
+            images.add(p)
+        assert len(images) == 4 and puzzle not in images
+    assert S.augment(*generated[0], random.Random(7)) == S.augment(*generated[0], random.Random(7))
+    with pytest.raises(S.PuzzleFormatError, match="does not solve"):
+        S.augment(generated[0][0], generated[1][1], rng)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # puzzle files
 # ---------------------------------------------------------------------------------------------------------------

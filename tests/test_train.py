@@ -535,6 +535,42 @@ def test_training_lowers_loss_checkpoints_generate_and_resume(ckpt, data_file, t
     dgemma.load(final2, device="cpu")
 
 
+def test_max_minutes_stops_saves_and_anneals_by_the_clock(ckpt, data_file, tmp_path, monkeypatch):
+    # a fake clock: every reading advances 3 s, so a 0.25-minute (15 s) budget ends the run after a few steps
+    now = [0.0]
+
+    def fake_perf_counter():
+        now[0] += 3.0
+        return now[0]
+
+    monkeypatch.setattr(trainer_mod.time, "perf_counter", fake_perf_counter)
+    out = tmp_path / "timed"
+    final = train(_cfg(ckpt, data_file, out, steps=1000, max_minutes=0.25, log_every=1, save_every=1000,
+                       min_lr_ratio=0.1, warmup_steps=1), show_progress=False)
+    rows = _metrics(out)
+    done = int(rows[-1]["step"])
+    assert 1 <= done < 20 and final == out / f"checkpoint-{done}", (done, final)
+    assert (out / "last").read_text().strip() == f"checkpoint-{done}"
+    st = torch.load(final / "trainer_state.pt", map_location="cpu", weights_only=False)
+    assert st["step"] == done and st["elapsed_s"] >= 15.0
+    # the cosine followed the clock: the last step's lr is far below the peak although step << steps
+    assert float(rows[-1]["lr"]) < 0.5e-3, rows[-1]
+    dgemma.load(final, device="cpu")
+
+
+def test_lr_schedule_takes_the_larger_of_step_and_clock_progress():
+    from dgemma.train.trainer import lr_at
+
+    cfg = TrainConfig(model="m", data="d", steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.0)
+    assert lr_at(4, cfg) == pytest.approx(0.5)  # warm-up
+    assert lr_at(55, cfg) == pytest.approx(0.5)  # half-way through the cosine
+    assert lr_at(100, cfg) == pytest.approx(0.0, abs=1e-12)
+    timed = TrainConfig(model="m", data="d", steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.0, max_minutes=1.0)
+    assert lr_at(20, timed, elapsed_s=30.0) == pytest.approx(0.5)  # clock says half-way
+    assert lr_at(55, timed, elapsed_s=1.0) == pytest.approx(0.5)  # steps say half-way
+    assert lr_at(20, timed, elapsed_s=60.0) == pytest.approx(0.0, abs=1e-12)
+
+
 def _subset(tmp_path: Path, n: int) -> Path:
     return _write_jsonl(tmp_path / f"d{n}.jsonl", _arith_records(n, seed=3))
 
@@ -612,11 +648,11 @@ DDP_DRIVER = textwrap.dedent("""
     import dgemma.train.trainer as T
 
     orig = T._save
-    def spy(model, bb, opt, rank_state, step, out, cfg, rank):
+    def spy(model, bb, opt, rank_state, step, out, cfg, rank, *rest):
         state = {n: p.detach().clone() for n, p in bb.named_parameters()}
         torch.save({"params": state, "gen": rank_state["gen"]},
                    os.path.join(os.environ["SPY_DIR"], f"rank{rank}-step{step}.pt"))
-        return orig(model, bb, opt, rank_state, step, out, cfg, rank)
+        return orig(model, bb, opt, rank_state, step, out, cfg, rank, *rest)
     T._save = spy
     runpy.run_module("dgemma", run_name="__main__", alter_sys=True)
 """)
@@ -795,6 +831,7 @@ def test_train_config_file_and_overrides(tmp_path):
     ({"lr": 0}, r"lr=0 is invalid"),
     ({"sc_prob": 2}, r"sc_prob=2 is invalid; expected a probability in \[0, 1\]"),
     ({"t_lo": 0}, r"t_lo=0 is invalid"),
+    ({"max_minutes": -1}, r"max_minutes=-1 is invalid; expected a number >= 0"),
     ({"weighting": "x"}, r"weighting='x' is invalid"),
     ({"objective": "mdm"}, r"objective='mdm' is invalid; expected 'diffusion' or 'ar'"),
     ({"model": ""}, r"no model given"),

@@ -158,8 +158,14 @@ class Router(nn.Module):
         return w * self.per_expert_scale[idx], idx
 
 
-def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """x [S, in] sorted by expert; w [E, in, out]; offs = cumulative counts (int32). One GEMM per expert group."""
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """x [S, in] sorted by expert; w [E, in, out]; offs = cumulative counts (int32). One GEMM per expert group.
+
+    Under autocast (bf16 training on GPU) the operands are cast to the autocast dtype first: the fused kernel is not
+    on autocast's list and on CUDA takes bf16 only."""
+    if torch.is_autocast_enabled(x.device.type):
+        dt = torch.get_autocast_dtype(x.device.type)
+        x, w = x.to(dt), w.to(dt)
     if hasattr(F, "grouped_mm"):
         try:
             return F.grouped_mm(x, w, offs=offs)
@@ -167,7 +173,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, counts: lis
             pass  # unsupported dtype/alignment/device for the fused kernel: loop below
     out = x.new_empty(x.shape[0], w.shape[2])
     start = 0
-    for e, n in enumerate(counts):
+    for e, n in enumerate(counts.tolist()):
         if n:
             torch.mm(x[start:start + n], w[e], out=out[start:start + n])
             start += n
@@ -194,10 +200,9 @@ class Experts(nn.Module):
         xs = x[perm // K]
         counts_t = torch.bincount(sorted_ids, minlength=self.num_experts)
         offs = torch.cumsum(counts_t, 0, dtype=torch.int32)
-        counts = counts_t.tolist()
-        u = grouped_mm(xs, self.gate_up_proj.transpose(-2, -1), offs, counts)
+        u = grouped_mm(xs, self.gate_up_proj.transpose(-2, -1), offs, counts_t)
         gate, up = u.chunk(2, dim=-1)
-        y = grouped_mm(gelu_tanh(gate) * up, self.down_proj.transpose(-2, -1), offs, counts)
+        y = grouped_mm(gelu_tanh(gate) * up, self.down_proj.transpose(-2, -1), offs, counts_t)
         y = y * weights.reshape(-1)[perm].unsqueeze(-1)  # fp32 (weights are fp32)
         out = torch.empty_like(y)
         out[perm] = y

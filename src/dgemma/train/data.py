@@ -34,8 +34,8 @@ def load_jsonl(path: str | Path, tokenizer: Any, *, max_len: int, append_eos: bo
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{p}: training data file not found")
-    out: list[Example] = []
-    dropped = 0
+    out: list[Example | None] = []
+    plain: list[tuple[int, str, str, str]] = []  # prompt/completion records, tokenised together below
     with open(p, encoding="utf-8") as fh:
         for n, line in enumerate(fh, 1):
             line = line.strip()
@@ -45,11 +45,26 @@ def load_jsonl(path: str | Path, tokenizer: Any, *, max_len: int, append_eos: bo
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{p}:{n}: not valid JSON ({e.msg})") from None
-            ex = _tokenise(rec, tokenizer, append_eos, eos_id, f"{p}:{n}")
-            if len(ex.prompt) + len(ex.response) > max_len:
-                dropped += 1
-                continue
-            out.append(ex)
+            where = f"{p}:{n}"
+            if isinstance(rec, dict) and "messages" not in rec and isinstance(rec.get("prompt"), str) \
+                    and isinstance(rec.get("completion"), str) and hasattr(tokenizer, "encode_batch"):
+                plain.append((len(out), rec["prompt"], rec["completion"], where))
+                out.append(None)
+            else:
+                out.append(_tokenise(rec, tokenizer, append_eos, eos_id, where))
+    if plain:
+        eos = eos_id if eos_id is not None else tokenizer.eos_token_id
+        prompts = tokenizer.encode_batch([r[1] for r in plain])
+        resps = tokenizer.encode_batch([r[2] for r in plain], add_special_tokens=False)
+        for (i, _, _, where), prompt, resp in zip(plain, prompts, resps):
+            if append_eos and eos is not None:
+                resp = resp + [eos]
+            if not resp:
+                raise DataError(f"{where}: the completion is empty")
+            out[i] = Example(prompt, resp)
+    kept = [ex for ex in out if ex is not None and len(ex.prompt) + len(ex.response) <= max_len]
+    dropped = len(out) - len(kept)
+    out = kept
     if not out:
         raise DataError(f"{p}: no usable examples (dropped {dropped} longer than max_len={max_len})")
     result = _ExampleList(out)

@@ -55,6 +55,7 @@ class TrainConfig:
     log_every: int = 10
     keep_checkpoints: int = 2
     seed: int = 0
+    max_minutes: float = 0.0  # > 0: stop (and save) after this much training time; cosine follows the clock
     device: str | None = None
     tensorboard: bool = False
 
@@ -81,6 +82,9 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise DGemmaError(f"{name}={v!r} is invalid; expected a positive integer")
+        if isinstance(self.max_minutes, bool) or not isinstance(self.max_minutes, (int, float)) \
+                or not self.max_minutes >= 0:
+            raise DGemmaError(f"max_minutes={self.max_minutes!r} is invalid; expected a number >= 0 (0 = no limit)")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise DGemmaError(f"lr={self.lr!r} is invalid; expected a number > 0")
         if not 0 <= self.sc_prob <= 1:
@@ -117,11 +121,15 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up to lr, then cosine decay to lr · min_lr_ratio at `steps`."""
+def lr_at(step: int, cfg: TrainConfig, elapsed_s: float = 0.0) -> float:
+    """Linear warm-up to lr, then cosine decay to lr · min_lr_ratio at `steps` — or, with `max_minutes`, at the
+    time limit if that comes first (progress is the larger of the step and clock fractions), so a time-boxed run
+    still anneals fully."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     p = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    if cfg.max_minutes > 0:
+        p = max(p, elapsed_s / (60.0 * cfg.max_minutes))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
 
 
@@ -181,13 +189,16 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
     if trainer_state is not None:
         opt.load_state_dict(trainer_state["optimizer"])
         mine = trainer_state["ranks"][rank] if rank < len(trainer_state["ranks"]) else trainer_state["ranks"][0]
-        gen.set_state(mine["gen"].cpu() if device.type == "cpu" else mine["gen"])
+        gen.set_state(mine["gen"].cpu())  # generator states are CPU byte tensors whatever the device
         data_gen.set_state(mine["data_gen"])
         order = list(mine["order"])
 
     L = model.config.canvas_length
     pad = model.generation_config.pad_token_id if model.generation_config.pad_token_id is not None else 0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers outside autocast (optimizer, norms)
+    prior_s = float(trainer_state.get("elapsed_s", 0.0)) if trainer_state is not None else 0.0
     log_f, writer, tb = None, None, None
     if rank == 0:
         new = not (out / "metrics.csv").exists()
@@ -202,11 +213,17 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
             tb = SummaryWriter(str(out / "tb"))
     progress = _Progress(cfg.steps, start_step, enabled=show_progress and rank == 0)
     t0, tokens, acc, acc_steps = time.perf_counter(), 0, {}, 0
-    step = start_step
+    step, done, trained_s = start_step, start_step, prior_s
     try:
         for step in range(start_step, cfg.steps):
+            trained_s = prior_s + time.perf_counter() - t0
+            if cfg.max_minutes > 0:
+                trained_s = _clock(trained_s, device)
+            if cfg.max_minutes > 0 and trained_s >= 60.0 * cfg.max_minutes and step > start_step:
+                break
+            lr = lr_at(step, cfg, trained_s)
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, cfg)
+                g["lr"] = lr
             for micro in range(cfg.grad_accum):
                 batch_ex = []
                 while len(batch_ex) < cfg.batch_size:
@@ -214,15 +231,16 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
                         perm = torch.randperm(len(examples), generator=data_gen).tolist()
                         order = perm[rank::world] or perm
                     batch_ex.append(examples[order.pop()])
-                batch = collate(batch_ex, L, pad, data_gen).to(device)
+                batch = collate(batch_ex, L, pad, data_gen)
+                tokens += int(batch.valid.sum()) + int(batch.supervised.sum())  # counted on the host: no sync
+                batch = batch.to(device)
                 sync = world == 1 or micro == cfg.grad_accum - 1
                 ctx = wrapped.no_sync() if not sync else _null()
                 with ctx, autocast:
                     res = wrapped(batch, gen)
                     (res["loss"] / cfg.grad_accum).backward()
-                tokens += int(batch.valid.sum()) + int(batch.supervised.sum())
-                for k, v in res.items():
-                    acc[k] = acc.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+                for k, v in res.items():  # kept on the device until the next log line
+                    acc[k] = acc.get(k, 0.0) + v.detach().float() / cfg.grad_accum
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
@@ -230,13 +248,13 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
             done = step + 1
             acc_steps += 1
             if done % cfg.log_every == 0 or done == cfg.steps:
-                mean = {k: v / acc_steps for k, v in acc.items()}
+                mean = {k: float(v) / acc_steps for k, v in acc.items()}
                 elapsed = time.perf_counter() - t0
                 tps = tokens * world / max(elapsed, 1e-9)
                 if writer is not None:
                     writer.writerow([done, f"{mean.get('loss', 0):.5f}", f"{mean.get('diffusion_loss', 0):.5f}",
                                      f"{mean.get('ar_loss', 0):.5f}", f"{mean.get('canvas_accuracy', 0):.4f}",
-                                     f"{lr_at(step, cfg):.3e}", f"{tps:.0f}", f"{elapsed:.1f}"])
+                                     f"{lr:.3e}", f"{tps:.0f}", f"{elapsed:.1f}"])
                     log_f.flush()
                 if tb is not None:
                     for k, v in mean.items():
@@ -245,7 +263,12 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
                 acc, acc_steps = {}, 0
             if done % cfg.save_every == 0 or done == cfg.steps:
                 _save(model, bb, opt, {"gen": gen.get_state(), "data_gen": data_gen.get_state(), "order": list(order)},
-                      done, out, cfg, rank)
+                      done, out, cfg, rank, prior_s + time.perf_counter() - t0)
+        if done < cfg.steps and not (out / f"checkpoint-{done}").is_dir():  # stopped by max_minutes
+            _save(model, bb, opt, {"gen": gen.get_state(), "data_gen": data_gen.get_state(), "order": list(order)},
+                  done, out, cfg, rank, prior_s + time.perf_counter() - t0)
+            if rank == 0:
+                print(f"max_minutes={cfg.max_minutes} reached after {done} steps; saved checkpoint-{done}")
     finally:
         progress.close()
         if log_f is not None:
@@ -254,10 +277,20 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
             tb.close()
     if world > 1:
         dist.barrier()
-    return out / f"checkpoint-{cfg.steps}"
+    return out / f"checkpoint-{done}"
 
 
-def _save(model, bb, opt, rank_state: dict, step: int, out: Path, cfg: TrainConfig, rank: int) -> None:
+def _clock(seconds: float, device: torch.device) -> float:
+    """Training time as rank 0 sees it, so every rank takes the same learning rate and stops at the same step."""
+    if not dist.is_initialized():
+        return seconds
+    t = torch.tensor([seconds], dtype=torch.float64, device=device)
+    dist.broadcast(t, 0)
+    return float(t)
+
+
+def _save(model, bb, opt, rank_state: dict, step: int, out: Path, cfg: TrainConfig, rank: int,
+          elapsed_s: float = 0.0) -> None:
     """Rank 0 writes the checkpoint; every rank's RNG and data-order state is gathered into it so a resume
     continues each rank's streams exactly."""
     ranks = [rank_state]
@@ -272,7 +305,7 @@ def _save(model, bb, opt, rank_state: dict, step: int, out: Path, cfg: TrainConf
         if tmp.exists():
             shutil.rmtree(tmp)
         save_model(model, tmp, state=export_state(bb))
-        torch.save({"step": step, "optimizer": opt.state_dict(), "ranks": ranks,
+        torch.save({"step": step, "optimizer": opt.state_dict(), "ranks": ranks, "elapsed_s": elapsed_s,
                     "lora": lora_state(bb) if cfg.lora_rank > 0 else None, "config": asdict(cfg)},
                    tmp / "trainer_state.pt")
         if d.exists():
