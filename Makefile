@@ -8,7 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DEMO   := demo-model
 
-.PHONY: demo test install install-test clean
+.PHONY: demo demo-text test install install-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,9 +28,15 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
-# Until a trained model ships, the demo watches a tiny random checkpoint denoise (it converges to noise: the
-# weights are random; what you see is the sampler at work).
+# The demo: the shipped Sudoku model (src/dgemma/assets/sudoku/diffusion) solves a 30-clue puzzle live: clues in
+# bold, digits accepted this step in green, drafts dim, noise as dots; the checked grid at the end.
+# `make demo-text` watches a tiny random checkpoint denoise text (random weights: it converges to noise).
+DEMO_PUZZLE := 036000800100900007200801503014007030700000010500000402602000350040602700800009000
+
 demo: $(VENV)/.installed
+	$(BIN)/dgemma sudoku solve $(DEMO_PUZZLE) --watch
+
+demo-text: $(VENV)/.installed
 	@test -f $(DEMO)/config.json || $(BIN)/dgemma init --preset tiny $(DEMO)
 	$(BIN)/dgemma generate --model $(DEMO) --chat --watch --seed 0 --max-new-tokens 64 \
 		"Write a haiku about diffusion."

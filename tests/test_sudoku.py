@@ -6,6 +6,7 @@ import argparse
 import io
 import json
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -478,3 +479,48 @@ def test_cli_generate(tmp_path, capsys):
     pairs = S.read_puzzle_file(out)
     assert pairs == S.generate_puzzles(6, clues=(30, 34), seed=2, workers=1)
     assert out.read_text().startswith("# dgemma sudoku generate --n 6 --clues 30-34 --seed 2\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the shipped models (src/dgemma/assets/sudoku): trained from scratch on a GPU, see docs/sudoku.md
+# ---------------------------------------------------------------------------------------------------------------
+MEDIUM50 = Path(__file__).parent / "data" / "sudoku_medium50.txt"
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    import dgemma
+
+    d = S.default_model_dir("diffusion")
+    assert (d / "model.safetensors").is_file(), f"the shipped Sudoku model is missing from {d}"
+    for f in d.iterdir():
+        assert f.stat().st_size <= 16 * 2**20, f"{f} is over the 16 MB per-file limit"
+    return dgemma.load(d, device="cpu")
+
+
+def test_shipped_model_solves_held_out_medium_puzzles_on_cpu(shipped):
+    # 50 fixed held-out medium puzzles (30-39 clues), never in the training set. The target is >= 95%;
+    # the shipped model (18 GPU-minutes of training) solves 76% of them (38/50 at seed 0 on CPU). This floor
+    # guards the model and the whole inference path against regressions; raise it when a better model ships.
+    pairs = S.read_puzzle_file(MEDIUM50)
+    assert len(pairs) == 50 and all(30 <= S.clue_count(p) <= 39 for p, _ in pairs)
+    assert shipped.dtype == torch.float32  # stored in bf16, computed in fp32
+    r = S.evaluate(shipped, pairs, batch_size=50, seed=0)
+    assert r["n"] == 50
+    assert r["solved_rate"] >= 0.70, r
+    assert r["cell_accuracy"] >= 0.90, r
+    assert r["mean_steps"] <= 20, r
+
+
+def test_shipped_ar_baseline_loads_and_decodes(shipped):
+    import dgemma
+
+    ar = dgemma.load(S.default_model_dir("ar"), device="cpu")
+    assert ar.config.text.hidden_size == shipped.config.text.hidden_size  # same backbone and size
+    assert ar.config.text.num_hidden_layers == shipped.config.text.num_hidden_layers
+    pairs = S.read_puzzle_file(MEDIUM50)[:8]
+    r = S.evaluate(ar, pairs, mode="ar", batch_size=8, return_rows=True)
+    assert r["n"] == 8 and r["tokens_per_forward"] == 1.0
+    # greedy left-to-right decoding writes 81 digits; the answers keep the clues far more often than chance
+    assert all(len(row["answer"]) == 81 for row in r["rows"])
+    assert r["cell_accuracy"] > 0.3, r

@@ -104,6 +104,16 @@ def _positive_int(s: str) -> int:
     return v
 
 
+def _non_negative_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {s!r}") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {s}")
+    return v
+
+
 def parse_clue_range(s: str) -> tuple[int, int]:
     """`A-B` (or a single `A`) as (A, B), checked to be a usable clue range."""
     parts = s.strip().split("-")
@@ -154,6 +164,8 @@ def add_sudoku_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("puzzle", metavar="PUZZLE81", help="the puzzle: 81 characters, 0 or . for blanks")
     _model_args(s)
     s.add_argument("--watch", action="store_true", help="show the board converging live (on stderr)")
+    s.add_argument("--delay", type=_non_negative_float, default=0.4, metavar="SECONDS",
+                   help="with --watch: pause after each step so the board can be followed (default 0.4)")
     s.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     s.add_argument("--steps", type=_positive_int, metavar="N", help="maximum denoising steps (default: the "
                    "checkpoint's)")
@@ -345,7 +357,12 @@ def cmd_solve(args: argparse.Namespace) -> int:
                                   eos_token_id=None)
         if args.watch:
             with SudokuWatcher(tok, Console(stderr=True), puzzle=puzzle) as w:
-                out = model.generate(ids, on_step=w.on_step, on_canvas=w.on_canvas, **kw)
+                def on_step(info: Any) -> None:
+                    w.on_step(info)
+                    if args.delay > 0:
+                        time.sleep(args.delay)  # let the eye follow each step
+
+                out = model.generate(ids, on_step=on_step, on_canvas=w.on_canvas, **kw)
         else:
             out = model.generate(ids, **kw)
         steps = int(sum(out.steps_per_canvas[0]))
