@@ -367,3 +367,50 @@ def test_sample_one_hot_is_deterministic() -> None:
     idx = torch.tensor([[3, 31, 0], [7, 7, 12]])
     probs = torch.nn.functional.one_hot(idx, V).float()
     assert torch.equal(sampling.sample(probs, torch.Generator().manual_seed(0)), idx)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the exact fast multinomial (dgemma.fastrand): same draws and generator state as torch.multinomial
+# ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(1, 7), (64, 8192), (3, 1000), (17, 32)])
+def test_fast_multinomial_equals_torch_multinomial(shape):
+    from dgemma.fastrand import exponential, multinomial1
+
+    for s in range(12):
+        g1, g2 = torch.Generator().manual_seed(s), torch.Generator().manual_seed(s)
+        pre = s % 3  # an odd number of 32-bit words consumed before: the stream is not pair-aligned
+        torch.randint(0, 97, (pre,), generator=g1), torch.randint(0, 97, (pre,), generator=g2)
+        logits = torch.randn(shape, generator=torch.Generator().manual_seed(1000 + s)) * (1 + s)
+        p = torch.softmax(logits, -1)
+        if s == 5:
+            p[0] = 0.0
+            p[0, -1] = 1.0  # a one-hot row
+        assert torch.equal(torch.multinomial(p, 1, generator=g1), multinomial1(p, g2))
+        # the generator is left exactly where torch leaves it: every later draw agrees
+        assert torch.equal(g1.get_state(), g2.get_state())
+        assert torch.equal(torch.randint(0, 8192, (9,), generator=g1), torch.randint(0, 8192, (9,), generator=g2))
+        assert torch.equal(torch.randn(5, generator=g1), torch.randn(5, generator=g2))
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(torch.empty(1001).exponential_(generator=g1), exponential(1001, g2))
+
+
+def test_fast_multinomial_default_generator_and_fallbacks():
+    from dgemma.fastrand import multinomial1
+
+    p = torch.softmax(torch.randn(8, 50, generator=torch.Generator().manual_seed(0)), -1)
+    torch.manual_seed(7)
+    a, ra = torch.multinomial(p, 1), torch.rand(3)
+    torch.manual_seed(7)
+    b, rb = multinomial1(p, None), torch.rand(3)
+    assert torch.equal(a, b) and torch.equal(ra, rb)
+    g = torch.Generator().manual_seed(0)
+    with pytest.raises(RuntimeError, match="invalid multinomial distribution"):
+        multinomial1(torch.zeros(2, 5), g)  # torch's own error
+    with pytest.raises(RuntimeError):
+        multinomial1(torch.tensor([[0.5, float("nan")]]), g)
+    with pytest.raises(RuntimeError):
+        multinomial1(torch.tensor([[0.5, -0.1, 0.6]]), g)
+    # float64 and non-contiguous inputs simply go through torch.multinomial
+    p64 = p.double()
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    assert torch.equal(torch.multinomial(p64, 1, generator=g1), multinomial1(p64, g2))

@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_train(sub)
     _add_sudoku(sub)
+    _add_bench(sub)
     return parser
 
 
@@ -103,6 +104,9 @@ def _add_generate(sub: Any) -> None:
     s.add_argument("--stop", action="append", metavar="STR", default=[],
                    help="stop at this string (repeatable)")
     s.add_argument("--trim", action="store_true", help="return exactly --max-new-tokens tokens, not whole canvases")
+    s.add_argument("--ar", action="store_true",
+                   help="decode autoregressively instead (greedy, one token per forward through the causal encoder "
+                        "and the tied head, with the KV cache): the baseline diffusion is compared with")
     r = p.add_argument_group("runtime")
     r.add_argument("--dtype", choices=DTYPE_CHOICES, help="compute dtype (default: the checkpoint's)")
     r.add_argument("--device", metavar="DEV", help="e.g. cpu, cuda, cuda:1 (default: cuda if available)")
@@ -111,6 +115,103 @@ def _add_generate(sub: Any) -> None:
     o.add_argument("--watch", action="store_true", help="show each canvas converging live (on stderr)")
     o.add_argument("--quiet", "-q", action="store_true", help="no stats line or progress messages")
     p.set_defaults(func=cmd_generate)
+
+
+def _add_bench(sub: Any) -> None:
+    from .presets import PRESETS
+
+    p = sub.add_parser(
+        "bench", help="measure batch-1 decoding speed: diffusion vs the reference vs AR mode, against the floor",
+        description="Time generation on one checkpoint (or a preset with random weights built in memory) in several "
+                    "modes: diffusion with 16 and 48 fixed steps per canvas (early stopping off) and adaptive "
+                    "(the checkpoint's sampler settings), dgemma's autoregressive mode (greedy, KV cache) and, when "
+                    "transformers is installed and --model is given, the transformers reference on the same "
+                    "checkpoint and seed (its tokens are compared with dgemma's). Reports tok/s, time to first "
+                    "token, prefill, ms per decoder pass, per-canvas latency, tokens per forward, peak memory, and "
+                    "the weight-read floor (bytes of weights a pass reads / measured memory bandwidth).",
+        epilog="examples:\n  dgemma init --preset small ./small && dgemma bench --model ./small\n"
+               "  dgemma bench --random-weights --preset 26b-a4b --prompt-len 4096 --modes fixed16,ar --json out.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", "-m", metavar="DIR", help="checkpoint directory")
+    src.add_argument("--random-weights", action="store_true",
+                     help="build --preset's architecture with random weights on the device (no files)")
+    p.add_argument("--preset", choices=list(PRESETS), help="architecture for --random-weights")
+    p.add_argument("--modes", default="fixed16,fixed48,adaptive,ar", metavar="LIST",
+                   help="comma-separated: fixed16, fixed48, adaptive, ar (default: all)")
+    p.add_argument("--no-reference", action="store_true", help="skip the transformers reference")
+    p.add_argument("--prompt-len", type=int, default=128, metavar="N", help="prompt tokens (default 128)")
+    p.add_argument("--new-tokens", type=int, default=256, metavar="N", help="tokens to generate (default 256)")
+    p.add_argument("--batch", type=int, default=1, metavar="B", help="batch size (default 1)")
+    p.add_argument("--repeats", type=int, default=2, metavar="R",
+                   help="timed runs per mode after one warm-up; the median is reported (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the prompt and the sampler (default 0)")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: torch's)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, help="compute dtype (default: the checkpoint's; random "
+                   "weights: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--device", metavar="DEV", help="e.g. cpu, cuda (default: cuda if available)")
+    p.add_argument("--json", metavar="FILE", help="also write the full report as JSON to FILE ('-' = stdout only)")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import ALL_MODES, format_table, random_model, run_bench, save_json
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in ALL_MODES]
+    if bad or not modes:
+        raise DGemmaError(f"unknown mode(s) {', '.join(bad) or '(none given)'}; expected a comma-separated list of "
+                          f"{', '.join(ALL_MODES)}")
+    for name in ("prompt_len", "new_tokens", "batch", "repeats"):
+        if getattr(args, name) < 1:
+            raise DGemmaError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    if args.random_weights and not args.preset:
+        raise DGemmaError("--random-weights needs --preset (e.g. --preset 26b-a4b)")
+    if args.preset and not args.random_weights:
+        raise DGemmaError("--preset is only for --random-weights; with --model the checkpoint's architecture is used")
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    reference = None
+    if args.random_weights:
+        model = random_model(args.preset, args.device, args.dtype, seed=args.seed)
+    else:
+        d = checkpoint_dir(args.model)
+        model = _load_model(d, args)
+        if not args.no_reference and any(m != "ar" for m in modes):
+            reference = _load_reference(d, model)
+    limit = model.config.text.max_position_embeddings
+    if args.prompt_len + args.new_tokens + model.config.canvas_length > limit:
+        raise DGemmaError(f"--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} (+ one canvas) exceeds "
+                          f"the model's {limit} positions")
+    report = run_bench(model, modes=modes, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                       batch=args.batch, repeats=args.repeats, seed=args.seed, reference=reference,
+                       progress=lambda m: print(f"bench: {m} ...", file=sys.stderr, flush=True))
+    report["command"] = "dgemma " + " ".join(sys.argv[1:])
+    if args.json == "-":
+        print(json.dumps(report, indent=2))
+        return 0
+    print(format_table(report))
+    if args.json:
+        save_json(report, args.json)
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def _load_reference(d: Path, model: Any) -> Any:
+    """The transformers reference on the same checkpoint and dtype, or None when transformers is not installed."""
+    try:
+        from transformers import DiffusionGemmaForBlockDiffusion
+    except ImportError:
+        print("bench: transformers is not installed; skipping the reference", file=sys.stderr)
+        return None
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # its load report lists the vision tower dgemma does not ship
+    hf_logging.disable_progress_bar()
+    ref = DiffusionGemmaForBlockDiffusion.from_pretrained(d, dtype=model.dtype, attn_implementation="eager")
+    return ref.to(model.device).eval()
 
 
 def _add_info(sub: Any) -> None:
@@ -301,6 +402,12 @@ def human_count(n: int) -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     """Load the model, generate one completion, print it (text or JSON) and the stats."""
     d = checkpoint_dir(args.model)
+    if args.ar:
+        bad = [f for f in ("watch", "trim") if getattr(args, f)] + (["stop"] if args.stop else []) + [
+            FLAG_FOR_FIELD[n] for n in _sampler_overrides(args) if n != "max_new_tokens"]
+        if bad:
+            raise DGemmaError(f"--ar decodes greedily one token at a time; it does not take "
+                              f"{', '.join(b if b.startswith('--') else '--' + b for b in bad)}")
     overrides = _sampler_overrides(args)
     _validate_sampler(d, overrides)  # fail fast, before loading (possibly many GB of) weights
     prompt = _read_prompt(args)
@@ -323,7 +430,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     shown_prompt = prompt + "\n" if chat else prompt  # a reply starts on its own line
     watcher = _make_watcher(tok, shown_prompt, gcfg.pad_token_id) if args.watch else None
     t0 = time.perf_counter()
-    if watcher is not None:
+    if args.ar:
+        out = model.generate_ar(torch.tensor([ids]), max_new_tokens=gcfg.max_new_tokens,
+                                eos_token_id=eos_ids or None)
+    elif watcher is not None:
         with watcher:
             out = model.generate(torch.tensor([ids]), seed=seed, trim=args.trim, stop=args.stop or None,
                                  on_step=watcher.on_step, on_canvas=watcher.on_canvas, **overrides, **extra)
@@ -406,7 +516,7 @@ def _load_model(d: Path, args: argparse.Namespace) -> Any:
     from .api import load
 
     console = Console(stderr=True)
-    if args.quiet or not console.is_terminal:
+    if getattr(args, "quiet", False) or not console.is_terminal:
         return load(d, dtype=args.dtype, device=args.device)
     with console.status(f"loading {d} …"):
         return load(d, dtype=args.dtype, device=args.device)

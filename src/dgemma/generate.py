@@ -80,7 +80,6 @@ def denoise_step(backbone: Backbone, st: BlockState, raw: torch.Tensor, n: int, 
     z = raw / T
     probs = torch.softmax(z, dim=-1, dtype=torch.float32)
     samp = sampling.sample(probs, generator)
-    del probs
     amax = torch.argmax(z, dim=-1)
     h = sampling.entropy(z)
     acc = sampling.entropy_bound_accept(h, gcfg.entropy_bound)
@@ -88,8 +87,8 @@ def denoise_step(backbone: Backbone, st: BlockState, raw: torch.Tensor, n: int, 
     changed = acc & (st.last_acc >= 0) & (samp != st.last_acc) & active[:, None]
     st.revisions += changed.sum(-1)
     st.last_acc = torch.where(acc & active[:, None], samp, st.last_acc)
-    sc_new = backbone.soft_embed(z)
-    del z
+    sc_new = backbone.soft_embed(z, probs)
+    del z, probs
     if bool(st.done.any()):  # frozen rows keep canvas, argmax and self-conditioning (spec §4.2)
         keep = st.done[:, None]
         amax = torch.where(keep, st.draft, amax)

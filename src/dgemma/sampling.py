@@ -34,6 +34,10 @@ def entropy_bound_accept(h: torch.Tensor, bound: float) -> torch.Tensor:
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One multinomial draw per position from probs [B, L, V] (fp32), in the reference's draw order."""
     B, L, V = probs.shape
+    if probs.device.type == "cpu":  # same draws and generator state, without torch's scalar exponential_ loop
+        from .fastrand import multinomial1
+
+        return multinomial1(probs.reshape(-1, V), generator).view(B, L)
     return torch.multinomial(probs.view(-1, V), num_samples=1, generator=generator).view(B, L)
 
 

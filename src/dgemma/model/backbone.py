@@ -120,10 +120,14 @@ class Backbone(nn.Module):
         cache.length = P + S
         return self.norm(x) if final_norm else x
 
-    def soft_embed(self, z: torch.Tensor) -> torch.Tensor:
+    def soft_embed(self, z: torch.Tensor, probs: torch.Tensor | None = None) -> torch.Tensor:
         """Self-conditioning signal (spec §3.3): softmax(z) · E · √H, with z cast to the model dtype first.
-        Returns [B, L, H]: this is all a request needs to keep between steps, not its [L, V] logits."""
-        p = torch.softmax(z.to(self.dtype), dim=-1, dtype=torch.float32).to(self.dtype)
+        Returns [B, L, H]: this is all a request needs to keep between steps, not its [L, V] logits.
+        probs: softmax(z, dtype=float32) when the caller has it and the model is fp32 (the same tensor)."""
+        if probs is not None and self.dtype == torch.float32 and z.dtype == torch.float32:
+            p = probs
+        else:
+            p = torch.softmax(z.to(self.dtype), dim=-1, dtype=torch.float32).to(self.dtype)
         return torch.matmul(p, self.embed_tokens.weight) * self.embed_scale().to(z.device)
 
     def denoise(self, canvas: torch.Tensor, cache: KVCache, sc: torch.Tensor | None = None,
@@ -158,8 +162,8 @@ class Backbone(nn.Module):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm, tied head on the raw embedding, fp32, softcap (spec §2.9)."""
         out = F.linear(self.norm(x), self.embed_tokens.weight).float()
-        if self.softcap:
-            out = torch.tanh(out / self.softcap) * self.softcap
+        if self.softcap:  # in place: the same arithmetic as tanh(out / c) · c without two [.., V] temporaries
+            out = out.div_(self.softcap).tanh_().mul_(self.softcap)
         return out
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
