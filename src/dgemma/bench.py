@@ -163,7 +163,7 @@ def _run_diffusion(model: Any, ids: torch.Tensor, mode: str, new_tokens: int, se
     out = model.generate(ids, seed=seed, on_step=on_step, on_canvas=on_canvas, **_gen_kwargs(mode, new_tokens))
     _sync(dev)
     total = time.perf_counter() - t0
-    step_dts, prev, prev_canvas = [], None, None
+    step_dts, prev = [], None
     for kind, c, t in marks:
         if kind == "step":
             if prev is not None and prev[0] == "step" and prev[1] == c:
@@ -190,8 +190,6 @@ def _run_ar(model: Any, ids: torch.Tensor, new_tokens: int) -> tuple[dict, Any]:
 
 
 def _run_reference(ref: Any, ids: torch.Tensor, mode: str, new_tokens: int, seed: int) -> tuple[dict, Any]:
-    from transformers import EntropyBoundSamplerConfig  # noqa: F401  (present when the reference is)
-
     kw = _gen_kwargs(mode.replace("reference-", ""), new_tokens)
     dev = next(ref.parameters()).device
     _sync(dev)

@@ -6,6 +6,8 @@ log-probs clamped at the dtype minimum, unstable sort), so a seed gives the refe
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -31,10 +33,13 @@ def entropy_bound_accept(h: torch.Tensor, bound: float) -> torch.Tensor:
     return torch.scatter(torch.zeros_like(keep), dim=-1, index=order, src=keep)
 
 
+_TORCH_MULTINOMIAL = os.environ.get("DGEMMA_TORCH_MULTINOMIAL", "") not in ("", "0")  # A/B switch for benchmarks
+
+
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One multinomial draw per position from probs [B, L, V] (fp32), in the reference's draw order."""
     B, L, V = probs.shape
-    if probs.device.type == "cpu":  # same draws and generator state, without torch's scalar exponential_ loop
+    if probs.device.type == "cpu" and not _TORCH_MULTINOMIAL:  # same draws, without torch's scalar exponential_
         from .fastrand import multinomial1
 
         return multinomial1(probs.reshape(-1, V), generator).view(B, L)

@@ -162,8 +162,11 @@ class Backbone(nn.Module):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm, tied head on the raw embedding, fp32, softcap (spec §2.9)."""
         out = F.linear(self.norm(x), self.embed_tokens.weight).float()
-        if self.softcap:  # in place: the same arithmetic as tanh(out / c) · c without two [.., V] temporaries
-            out = out.div_(self.softcap).tanh_().mul_(self.softcap)
+        if self.softcap:
+            if out.requires_grad:  # training: autograd needs tanh's output intact
+                out = torch.tanh(out / self.softcap) * self.softcap
+            else:  # inference: the same arithmetic in place, without two [.., V] temporaries
+                out = out.div_(self.softcap).tanh_().mul_(self.softcap)
         return out
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
