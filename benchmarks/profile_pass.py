@@ -13,7 +13,6 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from dgemma.api import DiffusionGemma
 from dgemma.model import Backbone
 from dgemma.presets import preset_config
 

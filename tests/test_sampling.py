@@ -414,3 +414,21 @@ def test_fast_multinomial_default_generator_and_fallbacks():
     p64 = p.double()
     g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
     assert torch.equal(torch.multinomial(p64, 1, generator=g1), multinomial1(p64, g2))
+
+
+def test_fast_multinomial_self_check_guards_the_fast_path(monkeypatch):
+    from dgemma import fastrand
+
+    assert fastrand._self_check()  # this torch draws exactly as fastrand assumes
+    # a torch that drew differently would leave the fast path off: results stay torch.multinomial's
+    monkeypatch.setattr(fastrand, "_SELF_CHECK", False)
+    assert fastrand.exponential(10, torch.Generator().manual_seed(0)) is None
+    p = torch.softmax(torch.randn(4, 100, generator=torch.Generator().manual_seed(2)), -1)
+    g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    assert torch.equal(torch.multinomial(p, 1, generator=g1), fastrand.multinomial1(p, g2))
+    # several NumPy chunks in one call give the same stream as one torch call
+    monkeypatch.setattr(fastrand, "_SELF_CHECK", True)
+    monkeypatch.setattr(fastrand, "_CHUNK", 1000)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert torch.equal(torch.empty(4321).exponential_(generator=g1), fastrand.exponential(4321, g2))
+    assert torch.equal(g1.get_state(), g2.get_state())

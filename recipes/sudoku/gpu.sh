@@ -11,7 +11,7 @@ R=/root/sudoku
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 COMMON=(--set batch_size=512 --set lr=1.5e-3 --set min_lr_ratio=0.05 --set warmup_steps=300 --set steps=1000000
-        --set save_every=1000 --set log_every=100 --set keep_checkpoints=1 -q)
+        --set save_every=1000 --set log_every=100 --set keep_checkpoints=2 -q)  # 2: an export never reads a dir being pruned
 
 report() {
   for m in diffusion ar; do
@@ -30,7 +30,7 @@ export_latest() {
   cat $R/diffusion.log $R/ar.log > $OUT/train_logs.txt 2>/dev/null
 }
 
-case "$1" in
+case "${1:-}" in
 start)
   MIN=$2
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
@@ -53,16 +53,18 @@ start)
   ;;
 wait)
   sleep "$2"; report; export_latest
-  [ -n "${SWEEP:-}" ] && python3 recipes/sudoku/sweep.py --model $R/export/diffusion --puzzles $R/test.txt \
-    --limit 300 --setting default: --setting eb1_cold:entropy_bound=1.0,t_min=0.1,t_max=0.3
+  if [ -n "${SWEEP:-}" ]; then
+    python3 recipes/sudoku/sweep.py --model $R/export/diffusion --puzzles $R/test.txt \
+      --limit 300 --setting default: --setting eb1_cold:entropy_bound=1.0,t_min=0.1,t_max=0.3
+  fi
   ;;
 finish)
-  for i in $(seq 1 100); do
-    pgrep -f "dgemma train" > /dev/null || break
-    sleep 5
-  done
+  while pgrep -f "dgemma train" > /dev/null; do sleep 5; done  # the runs stop themselves at MINUTES
   report; export_latest
   python3 recipes/sudoku/sweep.py --model $R/export/diffusion --puzzles $R/test.txt --json-out $OUT/sweep.json
   python3 recipes/sudoku/sweep.py --model $R/export/ar --puzzles $R/test.txt --mode ar --json-out $OUT/sweep_ar.json
+  ;;
+*)
+  echo "usage: bash recipes/sudoku/gpu.sh start MINUTES | wait SECONDS | finish" >&2; exit 2
   ;;
 esac

@@ -45,14 +45,14 @@ class ModeResult:
     new_tokens: int
     total_s: float
     e2e_tok_s: float
-    decode_tok_s: float
-    ttft_ms: float
-    prefill_ms: float
+    decode_tok_s: float | None  # None: not measured (the reference's prefill is not timed separately)
+    ttft_ms: float | None
+    prefill_ms: float | None
     ms_per_step: float | None  # one decoder pass (one token for `ar`)
     canvas_ms: float | None
     steps: int  # decoder passes in the run
     tokens_per_forward: float
-    peak_mem_mb: float
+    peak_mem_mb: float  # CUDA: max allocated during the mode (loaded models included); CPU: process peak RSS
     floor_ms: float | None = None
     floor_ratio: float | None = None
     same_tokens: bool | None = None  # reference modes: identical to dgemma's tokens for the same seed
@@ -211,7 +211,12 @@ def run_bench(model: Any, *, modes: list[str], prompt_len: int = 128, new_tokens
     dev = model.device
     cfg = model.config.text
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(4, cfg.vocab_size, (batch, prompt_len), generator=g).to(dev)
+    ids = torch.randint(4, cfg.vocab_size, (batch, prompt_len), generator=g)
+    special = [t for t in (getattr(model.config, "image_token_id", None), getattr(model.config, "boi_token_id", None),
+                           getattr(model.config, "eoi_token_id", None)) if t is not None]
+    if special:  # a random prompt must not contain image placeholders (text-only input is validated)
+        ids = torch.where(torch.isin(ids, torch.tensor(special)), torch.full_like(ids, 4), ids)
+    ids = ids.to(dev)
     itemsize = model.dtype.itemsize
     bw = measure_bandwidth(dev)
     L = model.config.canvas_length
@@ -250,10 +255,13 @@ def run_bench(model: Any, *, modes: list[str], prompt_len: int = 128, new_tokens
         else:
             step = best["step"] * 1e3 if best["step"] is not None else None
             ttft = best["ttft"] * 1e3 if best["ttft"] is not None else None
+        is_ref = mode.startswith("reference-")
         res = ModeResult(
             mode=mode, new_tokens=new, total_s=total, e2e_tok_s=new / total,
-            decode_tok_s=new / max(1e-9, total - prefill_ms / 1e3), ttft_ms=ttft if ttft is not None else float("nan"),
-            prefill_ms=prefill_ms, ms_per_step=step, canvas_ms=best["canvas"] * 1e3 if best["canvas"] else None,
+            decode_tok_s=None if is_ref else new / max(1e-9, total - prefill_ms / 1e3),
+            ttft_ms=ttft,
+            prefill_ms=None if is_ref else prefill_ms,  # the reference's own prefill is not timed
+            ms_per_step=step, canvas_ms=best["canvas"] * 1e3 if best["canvas"] else None,
             steps=best["steps"] or 0, tokens_per_forward=best["tpf"], peak_mem_mb=_peak_mb(dev),
             floor_ms=floor, floor_ratio=(floor / step) if step else None, runs_s=[s["total"] for s in runs])
         if mode.startswith("reference-"):

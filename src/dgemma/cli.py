@@ -403,7 +403,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """Load the model, generate one completion, print it (text or JSON) and the stats."""
     d = checkpoint_dir(args.model)
     if args.ar:
-        bad = [f for f in ("watch", "trim") if getattr(args, f)] + (["stop"] if args.stop else []) + [
+        bad = [f for f in ("watch", "trim") if getattr(args, f)] + (["stop"] if args.stop else []) + (
+            ["seed"] if args.seed is not None else []) + [
             FLAG_FOR_FIELD[n] for n in _sampler_overrides(args) if n != "max_new_tokens"]
         if bad:
             raise DGemmaError(f"--ar decodes greedily one token at a time; it does not take "
@@ -444,9 +445,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     completion = completion_ids(out.sequences[0].tolist(), len(ids), eos_ids, gcfg.pad_token_id)
     text = tok.decode(completion, skip_special_tokens=True)
-    stats = _generation_stats(out, completion, elapsed, seed)
+    stats = _generation_stats(out, completion, elapsed, seed, ar=args.ar)
     if args.json:
-        settings = dataclasses.asdict(gcfg)
+        settings = {"max_new_tokens": gcfg.max_new_tokens, "mode": "ar"} if args.ar else dataclasses.asdict(gcfg)
         settings.update(eos_token_id=eos_ids if extra else gcfg.eos_token_id, trim=args.trim, stop=args.stop,
                         dtype=str(model.dtype).removeprefix("torch."), device=str(model.device),
                         chat=chat, system=args.system)
@@ -543,7 +544,12 @@ def completion_ids(sequence: list[int], prompt_len: int, eos_ids: Sequence[int],
     return out
 
 
-def _generation_stats(out: Any, completion: list[int], elapsed: float, seed: int) -> dict[str, Any]:
+def _generation_stats(out: Any, completion: list[int], elapsed: float, seed: int | None,
+                      ar: bool = False) -> dict[str, Any]:
+    if ar:  # greedy next-token decoding: no canvases, no seed
+        return {"mode": "ar", "finish_reason": out.finish_reasons[0], "forwards": int(out.steps_per_canvas[0][0]),
+                "tokens_per_forward": 1.0, "generated_tokens": len(completion), "elapsed_s": round(elapsed, 4),
+                "tokens_per_s": round(len(completion) / elapsed, 2) if elapsed > 0 else None}
     steps = [int(s) for s in out.steps_per_canvas[0]]
     return {
         "finish_reason": out.finish_reasons[0],
@@ -561,8 +567,11 @@ def _generation_stats(out: Any, completion: list[int], elapsed: float, seed: int
 
 def format_stats(stats: dict[str, Any]) -> str:
     """The one-line summary printed on stderr after a completion."""
-    c = stats["canvases"]
     tps = stats["tokens_per_s"]
+    if stats.get("mode") == "ar":
+        return (f"autoregressive (greedy) · {stats['forwards']} forwards · {stats['generated_tokens']} tokens · "
+                f"{tps if tps is not None else '-'} tok/s · finish: {stats['finish_reason']}")
+    c = stats["canvases"]
     return (f"{c} canvas{'es' if c != 1 else ''} · {stats['denoising_steps']} denoising steps · "
             f"{stats['tokens_per_forward']:.2f} tokens/forward · {stats['generated_tokens']} tokens · "
             f"{tps if tps is not None else '-'} tok/s · finish: {stats['finish_reason']} · seed {stats['seed']}")

@@ -240,10 +240,11 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
         """`encode` of each text, computed in parallel by the backend (large training sets load many times faster)."""
+        texts = list(texts)
         for t in texts:
             if not isinstance(t, str):
                 raise TypeError(f"encode_batch() expects strs, got {type(t).__name__}")
-        out = [e.ids for e in self._tk.encode_batch(list(texts), add_special_tokens=False)]
+        out = [e.ids for e in self._tk.encode_batch(texts, add_special_tokens=False)]
         if add_special_tokens and self.add_bos_token and self.bos_token_id is not None:
             bos = self.bos_token_id
             out = [ids if ids and ids[0] == bos else [bos, *ids] for ids in out]

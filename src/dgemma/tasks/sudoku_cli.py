@@ -164,7 +164,7 @@ def add_sudoku_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("puzzle", metavar="PUZZLE81", help="the puzzle: 81 characters, 0 or . for blanks")
     _model_args(s)
     s.add_argument("--watch", action="store_true", help="show the board converging live (on stderr)")
-    s.add_argument("--delay", type=_non_negative_float, default=0.4, metavar="SECONDS",
+    s.add_argument("--delay", type=_non_negative_float, metavar="SECONDS",
                    help="with --watch: pause after each step so the board can be followed (default 0.4)")
     s.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     s.add_argument("--steps", type=_positive_int, metavar="N", help="maximum denoising steps (default: the "
@@ -345,6 +345,10 @@ def cmd_solve(args: argparse.Namespace) -> int:
     puzzle = parse_grid(args.puzzle)  # fail before loading the model
     if args.watch and args.mode != "diffusion":
         raise SudokuError("--watch shows denoising steps; it needs --mode diffusion")
+    if args.delay is not None and not args.watch:
+        raise SudokuError("--delay paces the live board; it needs --watch")
+    delay = 0.4 if args.delay is None else args.delay
+    slept = 0.0
     model = load_sudoku_model(args)
     tok = model.tokenizer
     ids = torch.tensor([encode_prompt(tok, puzzle)])
@@ -358,16 +362,18 @@ def cmd_solve(args: argparse.Namespace) -> int:
         if args.watch:
             with SudokuWatcher(tok, Console(stderr=True), puzzle=puzzle) as w:
                 def on_step(info: Any) -> None:
+                    nonlocal slept
                     w.on_step(info)
-                    if args.delay > 0:
-                        time.sleep(args.delay)  # let the eye follow each step
+                    if delay > 0:
+                        time.sleep(delay)  # let the eye follow each step (not counted in elapsed_s)
+                        slept += delay
 
                 out = model.generate(ids, on_step=on_step, on_canvas=w.on_canvas, **kw)
         else:
             out = model.generate(ids, **kw)
         steps = int(sum(out.steps_per_canvas[0]))
         tpf = float(out.tokens_per_forward[0])
-    elapsed = time.perf_counter() - t0
+    elapsed = time.perf_counter() - t0 - slept
     P = ids.shape[1]
     answer = decode_answer(tok, torch.as_tensor(out.sequences)[0, P:P + SUDOKU_CANVAS].tolist())
     chk = check_answer(answer, puzzle)

@@ -52,11 +52,12 @@ def load_jsonl(path: str | Path, tokenizer: Any, *, max_len: int, append_eos: bo
                 out.append(None)
             else:
                 out.append(_tokenise(rec, tokenizer, append_eos, eos_id, where))
-    if plain:
-        eos = eos_id if eos_id is not None else tokenizer.eos_token_id
-        prompts = tokenizer.encode_batch([r[1] for r in plain])
-        resps = tokenizer.encode_batch([r[2] for r in plain], add_special_tokens=False)
-        for (i, _, _, where), prompt, resp in zip(plain, prompts, resps):
+    eos = eos_id if eos_id is not None else getattr(tokenizer, "eos_token_id", None)
+    for c in range(0, len(plain), 50_000):  # chunks: the backend's Encoding objects are much larger than the ids
+        chunk = plain[c:c + 50_000]
+        prompts = tokenizer.encode_batch([r[1] for r in chunk])
+        resps = tokenizer.encode_batch([r[2] for r in chunk], add_special_tokens=False)
+        for (i, _, _, where), prompt, resp in zip(chunk, prompts, resps):
             if append_eos and eos is not None:
                 resp = resp + [eos]
             if not resp:

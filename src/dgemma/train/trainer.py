@@ -121,15 +121,16 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def lr_at(step: int, cfg: TrainConfig, elapsed_s: float = 0.0) -> float:
+def lr_at(step: int, cfg: TrainConfig, elapsed_s: float = 0.0, warmup_s: float = 0.0) -> float:
     """Linear warm-up to lr, then cosine decay to lr · min_lr_ratio at `steps` — or, with `max_minutes`, at the
-    time limit if that comes first (progress is the larger of the step and clock fractions), so a time-boxed run
-    still anneals fully."""
+    time limit if that comes first (progress is the larger of the step fraction and the clock fraction of the time
+    left after warm-up, `warmup_s` being the training time warm-up took), so a time-boxed run still anneals fully."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     p = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     if cfg.max_minutes > 0:
-        p = max(p, elapsed_s / (60.0 * cfg.max_minutes))
+        budget = 60.0 * cfg.max_minutes - warmup_s
+        p = max(p, (elapsed_s - warmup_s) / budget if budget > 0 else 1.0)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
 
 
@@ -196,9 +197,11 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
     L = model.config.canvas_length
     pad = model.generation_config.pad_token_id if model.generation_config.pad_token_id is not None else 0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
+    tf32 = torch.backends.cuda.matmul.allow_tf32
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers outside autocast (optimizer, norms)
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers outside autocast; restored on return
     prior_s = float(trainer_state.get("elapsed_s", 0.0)) if trainer_state is not None else 0.0
+    warmup_s = float(trainer_state.get("warmup_s", 0.0)) if trainer_state is not None else 0.0
     log_f, writer, tb = None, None, None
     if rank == 0:
         new = not (out / "metrics.csv").exists()
@@ -213,15 +216,18 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
             tb = SummaryWriter(str(out / "tb"))
     progress = _Progress(cfg.steps, start_step, enabled=show_progress and rank == 0)
     t0, tokens, acc, acc_steps = time.perf_counter(), 0, {}, 0
-    step, done, trained_s = start_step, start_step, prior_s
+    step, done, trained_s, saved_at = start_step, start_step, prior_s, start_step
     try:
         for step in range(start_step, cfg.steps):
-            trained_s = prior_s + time.perf_counter() - t0
-            if cfg.max_minutes > 0:
-                trained_s = _clock(trained_s, device)
-            if cfg.max_minutes > 0 and trained_s >= 60.0 * cfg.max_minutes and step > start_step:
-                break
-            lr = lr_at(step, cfg, trained_s)
+            if cfg.max_minutes > 0 and (step == start_step or step % cfg.log_every == 0
+                                        or step == cfg.warmup_steps):
+                # rank 0's clock, shared every log_every steps (one broadcast, not one per step)
+                trained_s = _clock(prior_s + time.perf_counter() - t0, device)
+                if step == cfg.warmup_steps and warmup_s == 0.0:
+                    warmup_s = trained_s
+                if trained_s >= 60.0 * cfg.max_minutes and step > start_step:
+                    break
+            lr = lr_at(step, cfg, trained_s, warmup_s)
             for g in opt.param_groups:
                 g["lr"] = lr
             for micro in range(cfg.grad_accum):
@@ -263,13 +269,15 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
                 acc, acc_steps = {}, 0
             if done % cfg.save_every == 0 or done == cfg.steps:
                 _save(model, bb, opt, {"gen": gen.get_state(), "data_gen": data_gen.get_state(), "order": list(order)},
-                      done, out, cfg, rank, prior_s + time.perf_counter() - t0)
-        if done < cfg.steps and not (out / f"checkpoint-{done}").is_dir():  # stopped by max_minutes
+                      done, out, cfg, rank, prior_s + time.perf_counter() - t0, warmup_s)
+                saved_at = done
+        if done < cfg.steps and saved_at != done:  # stopped by max_minutes (the same decision on every rank)
             _save(model, bb, opt, {"gen": gen.get_state(), "data_gen": data_gen.get_state(), "order": list(order)},
-                  done, out, cfg, rank, prior_s + time.perf_counter() - t0)
+                  done, out, cfg, rank, prior_s + time.perf_counter() - t0, warmup_s)
             if rank == 0:
                 print(f"max_minutes={cfg.max_minutes} reached after {done} steps; saved checkpoint-{done}")
     finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
         progress.close()
         if log_f is not None:
             log_f.close()
@@ -290,7 +298,7 @@ def _clock(seconds: float, device: torch.device) -> float:
 
 
 def _save(model, bb, opt, rank_state: dict, step: int, out: Path, cfg: TrainConfig, rank: int,
-          elapsed_s: float = 0.0) -> None:
+          elapsed_s: float = 0.0, warmup_s: float = 0.0) -> None:
     """Rank 0 writes the checkpoint; every rank's RNG and data-order state is gathered into it so a resume
     continues each rank's streams exactly."""
     ranks = [rank_state]
@@ -305,7 +313,7 @@ def _save(model, bb, opt, rank_state: dict, step: int, out: Path, cfg: TrainConf
         if tmp.exists():
             shutil.rmtree(tmp)
         save_model(model, tmp, state=export_state(bb))
-        torch.save({"step": step, "optimizer": opt.state_dict(), "ranks": ranks, "elapsed_s": elapsed_s,
+        torch.save({"step": step, "optimizer": opt.state_dict(), "ranks": ranks, "elapsed_s": elapsed_s, "warmup_s": warmup_s,
                     "lora": lora_state(bb) if cfg.lora_rank > 0 else None, "config": asdict(cfg)},
                    tmp / "trainer_state.pt")
         if d.exists():
