@@ -907,6 +907,10 @@ def test_load_jsonl_errors(model, tmp_path):
     empty = _write_jsonl(tmp_path / "empty.jsonl", [{"prompt": "a", "completion": ""}])
     with pytest.raises(DataError, match=r"empty\.jsonl:1: the completion is empty"):
         load_jsonl(empty, tok, max_len=64, append_eos=False)
+    # errors come in file order: the empty completion on line 1 before the bad JSON on line 2
+    order = _write_jsonl(tmp_path / "order.jsonl", [{"prompt": "a", "completion": ""}, "{not json"])
+    with pytest.raises(DataError, match=r"order\.jsonl:1: the completion is empty"):
+        load_jsonl(order, tok, max_len=64, append_eos=False)
     long = _write_jsonl(tmp_path / "long.jsonl", [{"prompt": "a", "completion": "b" * 100}])
     with pytest.raises(DataError, match=r"no usable examples \(dropped 1 longer than max_len=8\)"):
         load_jsonl(long, tok, max_len=8)

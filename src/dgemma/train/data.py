@@ -46,6 +46,10 @@ def load_jsonl(path: str | Path, tokenizer: Any, *, max_len: int, append_eos: bo
             except json.JSONDecodeError as e:
                 raise DataError(f"{p}:{n}: not valid JSON ({e.msg})") from None
             where = f"{p}:{n}"
+            if isinstance(rec, dict) and "messages" not in rec and rec.get("completion") == "" and not (
+                    append_eos and (eos_id if eos_id is not None else getattr(tokenizer, "eos_token_id", None))
+                    is not None):
+                raise DataError(f"{where}: the completion is empty")  # reported in file order, before tokenising
             if isinstance(rec, dict) and "messages" not in rec and isinstance(rec.get("prompt"), str) \
                     and isinstance(rec.get("completion"), str) and hasattr(tokenizer, "encode_batch"):
                 plain.append((len(out), rec["prompt"], rec["completion"], where))
