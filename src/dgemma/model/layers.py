@@ -158,6 +158,7 @@ class Router(nn.Module):
         return w * self.per_expert_scale[idx], idx
 
 
+@torch.compiler.disable  # data-dependent group sizes and a dtype-dependent kernel: run eagerly under torch.compile
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """x [S, in] sorted by expert; w [E, in, out]; offs = cumulative counts (int32). One GEMM per expert group.
 
