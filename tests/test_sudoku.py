@@ -524,3 +524,43 @@ def test_shipped_ar_baseline_loads_and_decodes(shipped):
     # greedy left-to-right decoding writes 81 digits; the answers keep the clues far more often than chance
     assert all(len(row["answer"]) == 81 for row in r["rows"])
     assert r["cell_accuracy"] > 0.3, r
+
+
+def test_recipe_scripts_prepare_export_sweep(tmp_path):
+    """The Sudoku recipe end to end at toy size: prepare (data, augmentation, init), export, sweep."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "sdk"
+    r = subprocess.run([sys.executable, str(root / "recipes/sudoku/prepare.py"), "--out", str(out), "--n-train", "12",
+                        "--n-test", "4", "--clues", "38-45", "--size", "small", "--augment", "2", "--workers", "1"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    train = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    aug = [json.loads(line) for line in (out / "train_aug.jsonl").read_text().splitlines()]
+    assert len(train) == 12 and len(aug) == 36  # every puzzle plus 2 symmetries
+    for rec in aug:
+        assert S.solves(rec["completion"], rec["prompt"]) and S.count_solutions(rec["prompt"]) == 1
+    assert len(S.read_puzzle_file(out / "test.txt")) == 4
+    assert (out / "init" / "config.json").is_file()
+
+    exp = tmp_path / "exported"
+    r = subprocess.run([sys.executable, str(root / "recipes/sudoku/export.py"), str(out / "init"), str(exp),
+                        "--set", "entropy_bound=0.3"], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((exp / "config.json").read_text())
+    assert cfg["dtype"] == "float32"  # computed in fp32 ...
+    from dgemma.checkpoint import stored_dtype
+
+    assert stored_dtype(exp) == torch.bfloat16  # ... stored in bf16
+    assert json.loads((exp / "generation_config.json").read_text())["sampler_config"]["entropy_bound"] == 0.3
+
+    r = subprocess.run([sys.executable, str(root / "recipes/sudoku/sweep.py"), "--model", str(exp), "--puzzles",
+                        str(out / "test.txt"), "--setting", "default:", "--setting", "short:max_denoising_steps=2",
+                        "--batch-size", "4", "--json-out", str(tmp_path / "sweep.json")],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "sweep.json").read_text())
+    assert set(res) == {"default", "short"} and res["short"]["mean_steps"] <= 2 and res["default"]["n"] == 4
