@@ -100,7 +100,11 @@ def pass_weight_bytes(cfg: Any, tokens: int, itemsize: int) -> int:
 
 
 def random_model(preset: str, device: str | torch.device | None = None, dtype: str | None = None, seed: int = 0):
-    """The preset's architecture with random weights, built directly on `device` (nothing read or written)."""
+    """The preset's architecture with random weights, built directly on `device` (nothing read or written).
+
+    Unlike `presets.random_tensor` (deterministic per tensor name, drawn in fp32 on the CPU, for checkpoints on disk)
+    this draws each tensor on the device in the compute dtype: the 26B model's 50 GB appear in seconds and never pass
+    through host memory. Only speed is measured with it, so the values need not match a written checkpoint."""
     from .api import DiffusionGemma, resolve_device, resolve_dtype
     from .model import Backbone
     from .presets import PRESETS, preset_config
