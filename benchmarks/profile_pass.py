@@ -13,7 +13,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from dgemma.model import Backbone
+from dgemma.bench import random_backbone
 from dgemma.presets import preset_config
 
 
@@ -29,16 +29,8 @@ def main() -> None:
     t = cfg.text
     types = t.layer_types[: args.layers - 1] + ["full_attention"]
     t = dataclasses.replace(t, num_hidden_layers=args.layers, layer_types=types, per_layer_config={})
-    dev, dt = torch.device(args.device), getattr(torch, args.dtype)
-    with torch.device("meta"):
-        bb = Backbone(t)
-    state = {}
-    for n, x in bb.state_dict().items():
-        y = torch.empty(x.shape, dtype=dt, device=dev)
-        y.fill_(1.0) if x.ndim == 1 else y.normal_(0, 0.02)
-        state[n] = y
-    bb.load_state_dict(state, assign=True)
-    bb.eval()
+    dev = torch.device(args.device)
+    bb = random_backbone(t, dev, getattr(torch, args.dtype))
     L = cfg.canvas_length
     ids = torch.randint(4, t.vocab_size, (1, args.context), device=dev)
     cache = bb.new_cache(1, args.context + L + 32)

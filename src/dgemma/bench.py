@@ -106,7 +106,6 @@ def random_model(preset: str, device: str | torch.device | None = None, dtype: s
     this draws each tensor on the device in the compute dtype: the 26B model's 50 GB appear in seconds and never pass
     through host memory. Only speed is measured with it, so the values need not match a written checkpoint."""
     from .api import DiffusionGemma, resolve_device, resolve_dtype
-    from .model import Backbone
     from .presets import PRESETS, preset_config
 
     if preset not in PRESETS:
@@ -114,12 +113,20 @@ def random_model(preset: str, device: str | torch.device | None = None, dtype: s
     cfg, gcfg = preset_config(preset)
     dev = resolve_device(device)
     tdtype = resolve_dtype(dtype, "bfloat16" if dev.type == "cuda" else "float32")
+    return DiffusionGemma(cfg, random_backbone(cfg.text, dev, tdtype, seed), gcfg.merged(), None)
+
+
+def random_backbone(text_cfg: Any, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """A Backbone of `text_cfg` in eval mode with every tensor drawn on `device` in `dtype`: N(0, 0.02) for
+    matrices, ones for norms, scales and layer scalars."""
+    from .model import Backbone
+
     with torch.device("meta"):
-        bb = Backbone(cfg.text)
-    g = torch.Generator(device=dev).manual_seed(seed)
+        bb = Backbone(text_cfg)
+    g = torch.Generator(device=device).manual_seed(seed)
     state = {}
     for name, t in bb.state_dict().items():
-        x = torch.empty(t.shape, dtype=tdtype, device=dev)
+        x = torch.empty(t.shape, dtype=dtype, device=device)
         if name.endswith("layer_scalar") or t.ndim == 1:
             x.fill_(1.0)
         else:
@@ -127,7 +134,7 @@ def random_model(preset: str, device: str | torch.device | None = None, dtype: s
         state[name] = x
     bb.load_state_dict(state, strict=True, assign=True)
     bb.eval().requires_grad_(False)
-    return DiffusionGemma(cfg, bb, gcfg.merged(), None)
+    return bb
 
 
 def _gen_kwargs(mode: str, new_tokens: int) -> dict[str, Any]:

@@ -39,7 +39,7 @@ __all__ = [
     "SUDOKU_CANVAS", "SUDOKU_VOCAB_SIZE", "SUDOKU_TOKENS", "BUCKETS",
     "SudokuError", "PuzzleFormatError",
     "parse_grid", "solve", "count_solutions", "is_valid_solution", "solves", "clue_count", "check_answer",
-    "generate_puzzles", "augment", "write_puzzle_file", "read_puzzle_file",
+    "generate_puzzles", "augment", "checked_pair", "write_puzzle_file", "read_puzzle_file",
     "build_sudoku_tokenizer", "encode_prompt", "decode_answer",
     "score", "bucket_of", "evaluate", "format_board", "default_model_dir",
     "SudokuWatcher", "add_sudoku_parser",
@@ -489,14 +489,20 @@ def generate_puzzles(n: int, clues: tuple[int, int] = (22, 45), seed: int = 0, w
     return out
 
 
+def checked_pair(puzzle: str, solution: str) -> tuple[str, str]:
+    """(puzzle, solution) normalised by parse_grid; PuzzleFormatError unless the solution solves the puzzle."""
+    p, s = parse_grid(puzzle), parse_grid(solution)
+    if not solves(s, p):
+        raise PuzzleFormatError(f"solution {s} does not solve puzzle {p}")
+    return p, s
+
+
 def augment(puzzle: str, solution: str, rng: random.Random) -> tuple[str, str]:
     """A random symmetry of a (puzzle, solution) pair: digits relabelled, bands and stacks shuffled, rows within
     each band and columns within each stack shuffled, optionally transposed. The result is again a puzzle with the
     same clue count and exactly one solution (the image of the old one), so one generated puzzle yields many
     training examples at no solver cost (3 359 232 · 9! distinct images in general)."""
-    p, s = parse_grid(puzzle), parse_grid(solution)
-    if not solves(s, p):
-        raise PuzzleFormatError(f"solution {s} does not solve puzzle {p}")
+    p, s = checked_pair(puzzle, solution)
     digits = list("123456789")
     rng.shuffle(digits)
     relabel = {"0": "0", **{str(i + 1): d for i, d in enumerate(digits)}}
@@ -528,13 +534,10 @@ def write_puzzle_file(path: str | Path, pairs: Iterable[tuple[str, str | None] |
     for item in pairs:
         count += 1
         puzzle, solution = (item, None) if isinstance(item, str) else item
-        p = parse_grid(puzzle)
         if solution is None:
-            lines.append(p)
+            lines.append(parse_grid(puzzle))
         else:
-            s = parse_grid(solution)
-            if not solves(s, p):
-                raise PuzzleFormatError(f"solution {s} does not solve puzzle {p}")
+            p, s = checked_pair(puzzle, solution)
             lines.append(f"{p},{s}")
     Path(path).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return count

@@ -36,6 +36,7 @@ def load_jsonl(path: str | Path, tokenizer: Any, *, max_len: int, append_eos: bo
         raise DataError(f"{p}: training data file not found")
     out: list[Example | None] = []
     plain: list[tuple[int, str, str, str]] = []  # prompt/completion records, tokenised together below
+    eos = eos_id if eos_id is not None else getattr(tokenizer, "eos_token_id", None)
     with open(p, encoding="utf-8") as fh:
         for n, line in enumerate(fh, 1):
             line = line.strip()
@@ -46,9 +47,8 @@ def load_jsonl(path: str | Path, tokenizer: Any, *, max_len: int, append_eos: bo
             except json.JSONDecodeError as e:
                 raise DataError(f"{p}:{n}: not valid JSON ({e.msg})") from None
             where = f"{p}:{n}"
-            if isinstance(rec, dict) and "messages" not in rec and rec.get("completion") == "" and not (
-                    append_eos and (eos_id if eos_id is not None else getattr(tokenizer, "eos_token_id", None))
-                    is not None):
+            if isinstance(rec, dict) and "messages" not in rec and rec.get("completion") == "" \
+                    and not (append_eos and eos is not None):
                 raise DataError(f"{where}: the completion is empty")  # reported in file order, before tokenising
             if isinstance(rec, dict) and "messages" not in rec and isinstance(rec.get("prompt"), str) \
                     and isinstance(rec.get("completion"), str) and hasattr(tokenizer, "encode_batch"):
@@ -56,7 +56,6 @@ def load_jsonl(path: str | Path, tokenizer: Any, *, max_len: int, append_eos: bo
                 out.append(None)
             else:
                 out.append(_tokenise(rec, tokenizer, append_eos, eos_id, where))
-    eos = eos_id if eos_id is not None else getattr(tokenizer, "eos_token_id", None)
     for c in range(0, len(plain), 50_000):  # chunks: the backend's Encoding objects are much larger than the ids
         chunk = plain[c:c + 50_000]
         prompts = tokenizer.encode_batch([r[1] for r in chunk])

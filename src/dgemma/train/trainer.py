@@ -217,6 +217,11 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
     progress = _Progress(cfg.steps, start_step, enabled=show_progress and rank == 0)
     t0, tokens, acc, acc_steps = time.perf_counter(), 0, {}, 0
     step, done, trained_s, saved_at = start_step, start_step, prior_s, start_step
+
+    def save(at: int) -> None:
+        _save(model, bb, opt, {"gen": gen.get_state(), "data_gen": data_gen.get_state(), "order": list(order)},
+              at, out, cfg, rank, prior_s + time.perf_counter() - t0, warmup_s)
+
     try:
         for step in range(start_step, cfg.steps):
             if cfg.max_minutes > 0 and (step == start_step or step % cfg.log_every == 0
@@ -268,12 +273,10 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
                 progress.update(done, mean.get("loss", 0.0), tps)
                 acc, acc_steps = {}, 0
             if done % cfg.save_every == 0 or done == cfg.steps:
-                _save(model, bb, opt, {"gen": gen.get_state(), "data_gen": data_gen.get_state(), "order": list(order)},
-                      done, out, cfg, rank, prior_s + time.perf_counter() - t0, warmup_s)
+                save(done)
                 saved_at = done
         if done < cfg.steps and saved_at != done:  # stopped by max_minutes (the same decision on every rank)
-            _save(model, bb, opt, {"gen": gen.get_state(), "data_gen": data_gen.get_state(), "order": list(order)},
-                  done, out, cfg, rank, prior_s + time.perf_counter() - t0, warmup_s)
+            save(done)
             if rank == 0:
                 print(f"max_minutes={cfg.max_minutes} reached after {done} steps; saved checkpoint-{done}")
     finally:
