@@ -287,6 +287,33 @@ def test_loss_equals_independent_cross_entropy(model, weighting):
         assert abs(other - diff) > 1e-3 * max(1.0, diff)
 
 
+def test_prefix_only_batch_keeps_the_diffusion_loss_and_its_gradients(model):
+    """Without the encoder's next-token loss the trainer drops the columns after the latest chosen canvas: the
+    loss and every gradient must be the ones of the full batch."""
+    bb = model.backbone
+    bb.requires_grad_(True)
+    batch = _mixed_batch()
+    short = batch.prefix_only()
+    keep = int(batch.canvas_start.max())
+    assert short.ids.shape[1] == keep < batch.ids.shape[1]
+    assert torch.equal(short.ids, batch.ids[:, :keep]) and torch.equal(short.valid, batch.valid[:, :keep])
+    cfg = ObjectiveConfig(sc_prob=0.5, ar_weight=0.0)
+    grads = []
+    for b in (batch, short):
+        bb.zero_grad(set_to_none=True)
+        out = DiffusionObjective(bb, cfg)(b, torch.Generator().manual_seed(3))
+        out["loss"].backward()
+        grads.append((float(out["loss"]), {n: p.grad.clone() for n, p in bb.named_parameters() if p.grad is not None}))
+    (full_loss, full_g), (short_loss, short_g) = grads
+    assert abs(full_loss - short_loss) < 1e-5 * max(1.0, full_loss)
+    assert full_g.keys() == short_g.keys() and len(full_g) > 10
+    for n in full_g:  # summation order differs (fewer tokens per expert): compare relative to the gradient's norm
+        err = float((short_g[n] - full_g[n]).norm() / full_g[n].norm().clamp_min(1e-12))
+        assert err < 1e-4, f"{n}: relative gradient difference {err:.2e}"
+    one = _batch([([2] + _toks(9, 5), _toks(8, 6), 0)])  # one row: exactly its prompt is kept
+    assert one.prefix_only().ids.shape == (1, 10) and one.ids.shape == (1, 18)
+
+
 def _reference_sc_draw(batch, cfg, seed):
     g = torch.Generator().manual_seed(seed)
     B = batch.ids.shape[0]

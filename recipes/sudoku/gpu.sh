@@ -5,13 +5,41 @@
 #   bash recipes/sudoku/gpu.sh wait SECONDS    # sleep, then report and export the latest checkpoints to $OUT
 #   bash recipes/sudoku/gpu.sh finish          # wait for both runs, export, evaluate on the held-out puzzles
 # Expects the base data in .carry/sudoku/{train.jsonl,test.txt} (made by prepare.py on any machine).
+# Environment knobs: FROM=shipped continues from the models in src/dgemma/assets/sudoku (default: a fresh init);
+# LR, WARMUP (steps), SEED (data order and a fresh set of symmetry images), AUG (images per puzzle),
+# COMPILE=1 (torch.compile the objective; a run that fails to compile restarts eagerly for the minutes left).
 set -uo pipefail
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true
 R=/root/sudoku
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-COMMON=(--set batch_size=512 --set lr=1.5e-3 --set min_lr_ratio=0.05 --set warmup_steps=300 --set steps=1000000
-        --set save_every=1000 --set log_every=100 --set keep_checkpoints=2 -q)  # 2: an export never reads a dir being pruned
+SEED=${SEED:-0}
+COMMON=(--set batch_size=512 --set lr=${LR:-1.5e-3} --set min_lr_ratio=0.05 --set warmup_steps=${WARMUP:-300}
+        --set steps=1000000 --set seed=$SEED --set save_every=1000 --set log_every=100
+        --set keep_checkpoints=2 -q)  # 2: an export never reads a dir being pruned
+
+init_of() {  # the checkpoint a run starts from
+  if [ "${FROM:-}" = shipped ]; then echo src/dgemma/assets/sudoku/$1; else echo $R/init; fi
+}
+
+launch() {  # launch MODEL CONFIG MINUTES: background run; with COMPILE=1 an eager retry if compiling fails
+  local m=$1 cfg=$2 min=$3
+  local args=(--config $cfg --set model=$(init_of $m) --set data=$R/train_aug.jsonl --set out=$R/$m "${COMMON[@]}")
+  if [ "${COMPILE:-0}" = 1 ]; then
+    OUTDIR=$R/$m setsid nohup bash -c '
+      t0=$(date +%s); min=$1; shift
+      python3 -m dgemma train "$@" --set compile=true --set max_minutes=$min && exit 0
+      echo "== compiled run failed; going on eagerly"
+      if ls -d "$OUTDIR"/checkpoint-* > /dev/null 2>&1; then  # resume: the saved clock counts towards $min
+        python3 -m dgemma train "$@" --set max_minutes=$min
+      else  # nothing saved yet: start over with the minutes left
+        rm -rf "$OUTDIR"
+        python3 -m dgemma train "$@" --set max_minutes=$(python3 -c "print(max(0.5, $min - ($(date +%s) - $t0) / 60))")
+      fi' _ "$min" "${args[@]}" > $R/$m.log 2>&1 < /dev/null &
+  else
+    setsid nohup python3 -m dgemma train "${args[@]}" --set max_minutes=$min > $R/$m.log 2>&1 < /dev/null &
+  fi
+}
 
 report() {
   for m in diffusion ar; do
@@ -36,18 +64,17 @@ start)
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
   python3 -c "import torch, torch.nn.functional as F; print('torch', torch.__version__, torch.cuda.get_device_name(), 'F.grouped_mm', hasattr(F, 'grouped_mm'))"
   mkdir -p $R && cp .carry/sudoku/train.jsonl .carry/sudoku/test.txt $R/ || exit 1
-  python3 recipes/sudoku/prepare.py --out $R --size base --augment ${AUG:-15} || exit 1
+  python3 recipes/sudoku/prepare.py --out $R --size base --augment ${AUG:-15} --seed $SEED || exit 1
   wc -l $R/train_aug.jsonl
   for m in diffusion ar; do  # smoke: a few steps on the GPU, in the foreground, so a broken run fails fast
     cfg=recipes/sudoku/train.toml; [ $m = ar ] && cfg=recipes/sudoku/train_ar.toml
-    python3 -m dgemma train --config $cfg --set model=$R/init --set data=$R/train.jsonl --set out=$R/smoke_$m \
-      --set steps=20 --set batch_size=512 --set log_every=5 -q || exit 1
+    python3 -m dgemma train --config $cfg --set model=$(init_of $m) --set data=$R/train.jsonl \
+      --set out=$R/smoke_$m --set steps=10 --set batch_size=512 --set log_every=5 -q || exit 1
     tail -n 2 $R/smoke_$m/metrics.csv
   done
   for m in diffusion ar; do
     cfg=recipes/sudoku/train.toml; [ $m = ar ] && cfg=recipes/sudoku/train_ar.toml
-    setsid nohup python3 -m dgemma train --config $cfg --set model=$R/init --set data=$R/train_aug.jsonl \
-      --set out=$R/$m --set max_minutes=$MIN "${COMMON[@]}" > $R/$m.log 2>&1 < /dev/null &
+    launch $m $cfg $MIN
   done
   sleep "${3:-60}"; report
   ;;

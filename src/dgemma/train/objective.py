@@ -41,6 +41,16 @@ class Batch:
     canvas: torch.Tensor  # [B, L] clean canvas tokens (pad where not supervised)
     response: torch.Tensor  # [B, S] bool: response tokens (targets of the AR baseline's loss)
 
+    def prefix_only(self) -> "Batch":
+        """Drop the columns at and after the latest chosen canvas. Without the encoder's next-token loss nothing
+        reads them (the decoder sees only the prefix before its canvas), so the loss is unchanged and the encoder
+        pass is shorter: half as long for a one-canvas answer such as Sudoku's."""
+        keep = max(1, int(self.canvas_start.max()))
+        if keep >= self.ids.shape[1]:
+            return self
+        return Batch(self.ids[:, :keep], self.valid[:, :keep], self.canvas_start, self.supervised, self.canvas,
+                     self.response[:, :keep])
+
     def to(self, device: torch.device) -> "Batch":
         return Batch(*(getattr(self, f).to(device) for f in
                        ("ids", "valid", "canvas_start", "supervised", "canvas", "response")))
