@@ -48,6 +48,10 @@ class DiffusionGemma:
                  tokenizer: Any = None, path: Path | None = None):
         self.config = config
         self.backbone = backbone
+        if backbone.device.type == "cpu":
+            from .cpu import tune_malloc
+
+            tune_malloc()  # reuse freed step buffers instead of page-faulting fresh ones (dgemma/cpu.py)
         self.generation_config = generation_config or GenerationConfig()
         self._tokenizer = tokenizer
         self.path = path

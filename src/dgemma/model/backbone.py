@@ -58,6 +58,9 @@ class Backbone(nn.Module):
         for t in sorted(set(cfg.layer_types)):
             i = cfg.layer_types.index(t)
             self._inv_freq[t] = rope_inv_freq(cfg.rope_parameters[t], cfg.layer_head_dim(i))
+        self._types = sorted(set(cfg.layer_types))  # a fixed order of the layer types
+        self._type_index = [self._types.index(t) for t in cfg.layer_types]
+        self._traced: dict = {}  # TorchScript traces of denoise_body (model/traced.py)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -134,29 +137,42 @@ class Backbone(nn.Module):
                 sc_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Bidirectional pass over `canvas` [B, L] reading the cache; returns fp32 logits [B, L, V].
 
-        sc: soft embeddings [B, L, H] from `soft_embed` (None on the first step); sc_mask [B] zeroes it per row."""
+        sc: soft embeddings [B, L, H] from `soft_embed` (None on the first step); sc_mask [B] zeroes it per row.
+        Without gradients on the CPU the pass runs as a TorchScript trace of `denoise_body` (dgemma/model/traced.py):
+        the same ATen kernels in the same order, so the same bits, without Python in between."""
         B, L = canvas.shape
         P = cache.length
         dev = canvas.device
-        rope = self._rope(torch.arange(P, P + L, device=dev))
-        masks: dict[str, torch.Tensor | None] = {}
-        for t in set(self.cfg.layer_types):
+        cos_sin = self._rope(torch.arange(P, P + L, device=dev))
+        masks: list[torch.Tensor | None] = []
+        for t in self._types:
             lo = cache.start(self.cfg.layer_types.index(t), P)
             prefix = cache.valid[:, lo:P]
             if bool(prefix.all()):
-                masks[t] = None  # no padding: no mask at all (as the reference)
+                masks.append(None)  # no padding: no mask at all (as the reference)
             else:
                 allowed = torch.cat([prefix, prefix.new_ones(B, L)], dim=1)[:, None, :].expand(B, L, P - lo + L)
-                masks[t] = self._additive(allowed)
+                masks.append(self._additive(allowed))
+        kv = []
+        for li in range(len(self.layers)):
+            lo = cache.start(li, P)
+            kv += [cache.keys[li][:, :, lo:P], cache.values[li][:, :, lo:P]]
+        rope = [x for t in self._types for x in cos_sin[t]]
+        from .traced import run_denoise
+
+        return run_denoise(self, canvas, sc, sc_mask, rope, masks, kv)
+
+    def denoise_body(self, canvas: torch.Tensor, sc: torch.Tensor | None, sc_mask: torch.Tensor | None,
+                     rope: list[torch.Tensor], masks: list[torch.Tensor | None], kv: list[torch.Tensor]) -> torch.Tensor:
+        """The decoder pass proper, a function of tensors only (what gets traced). rope: cos, sin per layer type
+        (in `_types` order); masks: additive mask or None per layer type; kv: cached prefix K, V per layer."""
         x = self.self_conditioning(self.embed(canvas), sc, sc_mask)
         for li, layer in enumerate(self.layers):
-            t = self.cfg.layer_types[li]
-            attn = layer.self_attn
-            q, k, v = attn.qkv(layer.input_layernorm(x), *rope[t])
-            lo = cache.start(li, P)
-            kk = torch.cat([cache.keys[li][:, :, lo:P], k], dim=2)
-            vv = torch.cat([cache.values[li][:, :, lo:P], v], dim=2)
-            x = layer.finish(x, q, kk, vv, masks[t], layer.layer_scalar)
+            ti = self._type_index[li]
+            q, k, v = layer.self_attn.qkv(layer.input_layernorm(x), rope[2 * ti], rope[2 * ti + 1])
+            kk = torch.cat([kv[2 * li], k], dim=2)
+            vv = torch.cat([kv[2 * li + 1], v], dim=2)
+            x = layer.finish(x, q, kk, vv, masks[ti], layer.layer_scalar)
         return self.logits(x)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,101 @@
+"""The decoder pass as a TorchScript trace on the CPU: the same kernels, without Python between them.
+
+A `small` decoder pass is ~1,500 ATen calls of which only ~150 are matrix products; on a 2-core CPU the Python and
+dispatch work between them is a sixth of the pass (25 -> 21 ms traced). `torch.jit.trace` records
+`Backbone.denoise_body` once per call signature (which optional inputs are present, batch and canvas size), on the
+signature's fifth call, and then replays the recorded ATen graph from C++. The graph holds the same operators in the
+same order on the same tensors, so the logits are the same bits as eager: each new trace is checked against an
+eager pass over its first runs (TorchScript's profiling executor optimises the graph after the first one; its CPU
+fuser, which would change the arithmetic, is off by default in torch), and a trace that differs is dropped.
+Positions, cached prefix lengths and masks are inputs, so one trace serves every canvas of a generation.
+
+Used only where it is known to help and to be exact: CPU tensors, no gradients, eval mode, no autocast.
+`DGEMMA_TRACE=0` turns it off; anything that fails while tracing falls back to the eager pass for that signature,
+with a warning.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from .backbone import Backbone
+
+_CHECK_RUNS = 3
+TRACE_AFTER = 4  # eager calls of a signature before it is traced: short runs (tests, a few steps) never pay for it
+ENABLED = os.environ.get("DGEMMA_TRACE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+class _Body(nn.Module):
+    """`denoise_body` with a flat tuple of tensors in, for the tracer (it takes no None and no nesting)."""
+
+    def __init__(self, bb: "Backbone", has_sc: bool, has_sc_mask: bool, has_mask: tuple[bool, ...], n_rope: int,
+                 n_kv: int):
+        super().__init__()
+        self.bb = bb
+        self.layout = (has_sc, has_sc_mask, has_mask, n_rope, n_kv)
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        has_sc, has_sc_mask, has_mask, n_rope, n_kv = self.layout
+        it = iter(args)
+        canvas = next(it)
+        sc = next(it) if has_sc else None
+        sc_mask = next(it) if has_sc_mask else None
+        rope = [next(it) for _ in range(n_rope)]
+        masks = [next(it) if h else None for h in has_mask]
+        kv = [next(it) for _ in range(n_kv)]
+        return self.bb.denoise_body(canvas, sc, sc_mask, rope, masks, kv)
+
+
+def _usable(bb: "Backbone", canvas: torch.Tensor) -> bool:
+    return (ENABLED and canvas.device.type == "cpu" and not torch.is_grad_enabled() and not bb.training
+            and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing())
+
+
+def run_denoise(bb: "Backbone", canvas: torch.Tensor, sc: torch.Tensor | None, sc_mask: torch.Tensor | None,
+                rope: list[torch.Tensor], masks: list[torch.Tensor | None], kv: list[torch.Tensor]) -> torch.Tensor:
+    """`bb.denoise_body(...)`, through a cached trace where `_usable`."""
+    if not _usable(bb, canvas):
+        return bb.denoise_body(canvas, sc, sc_mask, rope, masks, kv)
+    has_mask = tuple(m is not None for m in masks)
+    key = (sc is not None, sc_mask is not None, has_mask, tuple(canvas.shape), bb.dtype)
+    args = tuple([canvas] + ([sc] if sc is not None else []) + ([sc_mask] if sc_mask is not None else []) + rope
+                 + [m for m in masks if m is not None] + kv)
+    fn = bb._traced.get(key, 0)
+    if fn is False:  # tracing failed or differed for this signature
+        return bb.denoise_body(canvas, sc, sc_mask, rope, masks, kv)
+    if isinstance(fn, int):  # eager calls seen so far for this signature
+        if fn < TRACE_AFTER:
+            bb._traced[key] = fn + 1
+            return bb.denoise_body(canvas, sc, sc_mask, rope, masks, kv)
+        fn, out = _make(bb, key, args, (canvas, sc, sc_mask, rope, masks, kv))
+        bb._traced[key] = fn
+        return out
+    with torch.jit.optimized_execution(True):
+        return fn(*args)
+
+
+def _make(bb: "Backbone", key: tuple, args: tuple, eager_args: tuple):
+    """Trace one signature and check it against eager on the same inputs. Returns (trace or False, logits)."""
+    want = bb.denoise_body(*eager_args)
+    body = _Body(bb, key[0], key[1], key[2], len(eager_args[3]), len(eager_args[5]))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's notes on shapes read as Python ints
+            fn = torch.jit.trace(body, args, check_trace=False)
+        with torch.jit.optimized_execution(True):  # past the profiling runs: the graph that will be replayed
+            got = [fn(*args) for _ in range(_CHECK_RUNS)]
+    except Exception as e:  # any tracer limitation: eager for this signature
+        warnings.warn(f"dgemma: tracing the decoder pass failed ({type(e).__name__}: {e}); running it eagerly",
+                      RuntimeWarning, stacklevel=3)
+        return False, want
+    if not all(torch.equal(g, want) for g in got):
+        warnings.warn("dgemma: the traced decoder pass differs from the eager one; running it eagerly",
+                      RuntimeWarning, stacklevel=3)
+        return False, want
+    return fn, want
