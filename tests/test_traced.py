@@ -115,3 +115,52 @@ def test_a_trace_that_fails_or_differs_falls_back_to_eager_with_a_warning(model,
         outs = [bb.denoise(canvas, cache) for _ in range(traced.TRACE_AFTER + 3)]
     assert all(torch.equal(o, want) for o in outs)
     assert list(bb._traced.values()) == [False]
+
+
+@torch.no_grad()
+def test_replaced_weights_drop_the_traces_and_copies_trace_their_own(model):
+    import copy
+    import pickle
+
+    bb = model.backbone
+    cache = _prefilled(bb, 1, 20)
+    canvas = torch.randint(0, bb.cfg.vocab_size, (1, 16))
+    bb._traced.clear()
+    for _ in range(traced.TRACE_AFTER + 2):
+        bb.denoise(canvas, cache)
+    assert _traces(bb)
+    twin = copy.deepcopy(bb)  # its own parameters; the original's traces stay behind
+    assert not twin._traced
+    pickle.dumps(bb)  # a model with traces still pickles (torch.save)
+    old_scalar = bb.layers[0].layer_scalar
+    try:
+        bb.layers[0].layer_scalar = torch.full((1,), 0.5)  # a replaced buffer: the trace would hold the old one
+        want = _eager(bb, canvas, cache)
+        assert torch.equal(bb.denoise(canvas, cache), want)
+        assert not _traces(bb)
+        with torch.no_grad():
+            twin.layers[1].mlp.up_proj.weight.mul_(2.0)  # in place: the twin's own trace reads the new values
+        for _ in range(traced.TRACE_AFTER + 2):
+            got = twin.denoise(canvas, cache)
+        assert _traces(twin) and torch.equal(got, _eager(twin, canvas, cache))
+        twin.layers[1].mlp.up_proj.weight.mul_(0.5)
+        assert torch.equal(twin.denoise(canvas, cache), _eager(twin, canvas, cache))
+    finally:
+        bb.layers[0].layer_scalar = old_scalar
+
+
+@torch.no_grad()
+def test_no_trace_when_the_experts_would_loop_in_python(model, monkeypatch):
+    """Without a usable F.grouped_mm the experts loop over this input's per-expert counts: a trace would freeze
+    them, so none is made and every canvas gets its own routing."""
+    import torch.nn.functional as F
+
+    bb = model.backbone
+    cache = _prefilled(bb, 1, 20)
+    monkeypatch.delattr(F, "grouped_mm")
+    bb._traced.clear()
+    g = torch.Generator().manual_seed(5)
+    for _ in range(traced.TRACE_AFTER + 4):
+        canvas = torch.randint(0, bb.cfg.vocab_size, (1, 16), generator=g)
+        assert torch.equal(bb.denoise(canvas, cache), _eager(bb, canvas, cache))
+    assert not _traces(bb)

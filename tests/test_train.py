@@ -516,6 +516,11 @@ def test_collate_canvas_choice_is_uniform_and_seeded():
     assert torch.equal(a.canvas_start, b.canvas_start) and torch.equal(a.canvas, b.canvas)
 
 
+def test_collate_rejects_an_empty_response():
+    with pytest.raises(DataError, match="example 1 of the batch has an empty response"):
+        collate([Example([2, 5], [7, 8]), Example([2, 5, 6], [])], L, 0)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # 6. end-to-end training, checkpoints and resume
 def test_training_lowers_loss_checkpoints_generate_and_resume(ckpt, data_file, tmp_path):

@@ -61,6 +61,13 @@ class Backbone(nn.Module):
         self._types = sorted(set(cfg.layer_types))  # a fixed order of the layer types
         self._type_index = [self._types.index(t) for t in cfg.layer_types]
         self._traced: dict = {}  # TorchScript traces of denoise_body (model/traced.py)
+        self._scale_cache: dict[torch.dtype, torch.Tensor] = {}
+
+    def __getstate__(self) -> dict:
+        """Pickling and deepcopy leave the traces behind (a copy traces its own weights when it runs)."""
+        state = self.__dict__.copy()
+        state["_traced"], state["_traced_ident"] = {}, None
+        return state
 
     @property
     def dtype(self) -> torch.dtype:
@@ -71,8 +78,13 @@ class Backbone(nn.Module):
         return self.embed_tokens.weight.device
 
     def embed_scale(self) -> torch.Tensor:
-        """√H as an fp32 scalar cast to the model dtype (53.0 in bf16 for H=2816, spec §1.3)."""
-        return torch.tensor(math.sqrt(self.cfg.hidden_size), dtype=torch.float32).to(self.dtype)
+        """√H as an fp32 scalar cast to the model dtype (53.0 in bf16 for H=2816, spec §1.3). Made once per dtype,
+        so a traced pass holds it as a constant instead of recording a tensor construction."""
+        c = self._scale_cache.get(self.dtype)
+        if c is None:
+            c = self._scale_cache[self.dtype] = torch.tensor(math.sqrt(self.cfg.hidden_size),
+                                                             dtype=torch.float32).to(self.dtype)
+        return c
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.embed_tokens.weight) * self.embed_scale().to(ids.device)

@@ -4,7 +4,6 @@ pairs, and batches for the objective (one canvas chosen per example)."""
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,6 +115,9 @@ def collate(examples: list[Example], canvas_length: int, pad_id: int,
     B = len(examples)
     plen = torch.tensor([len(e.prompt) for e in examples])
     rlen = torch.tensor([len(e.response) for e in examples])
+    if bool((rlen == 0).any()):
+        raise DataError(f"example {int((rlen == 0).nonzero()[0])} of the batch has an empty response; "
+                        "every example needs at least one response token")
     lens = plen + rlen
     S = int(lens.max())
     if bool((lens == S).all()):
