@@ -87,6 +87,13 @@ def test_not_traced_with_gradients_or_when_switched_off(model, monkeypatch):
         for _ in range(traced.TRACE_AFTER + 2):
             bb.denoise(canvas, cache)
     assert not bb._traced
+    # large calls are GEMM-bound: a trace would not repay its making
+    B = traced.TRACE_MAX_TOKENS // 16 + 1
+    big_cache = _prefilled(bb, B, 20)
+    big = torch.randint(0, bb.cfg.vocab_size, (B, 16))
+    for _ in range(traced.TRACE_AFTER + 2):
+        bb.denoise(big, big_cache)
+    assert not bb._traced
 
 
 @torch.no_grad()

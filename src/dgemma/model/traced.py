@@ -3,7 +3,7 @@
 A `small` decoder pass is ~1,500 ATen calls of which only ~150 are matrix products; on a 2-core CPU the Python and
 dispatch work between them is a sixth of the pass (25 -> 21 ms traced). `torch.jit.trace` records
 `Backbone.denoise_body` once per call signature (which optional inputs are present, batch and canvas size), on the
-signature's fifth call, and then replays the recorded ATen graph from C++. The graph holds the same operators in the
+signature's 17th call (see TRACE_AFTER for when a trace pays), and then replays the recorded ATen graph from C++. The graph holds the same operators in the
 same order on the same tensors, so the logits are the same bits as eager: each new trace is checked against an
 eager pass over its first runs (TorchScript's profiling executor optimises the graph after the first one; its CPU
 fuser, which would change the arithmetic, is off by default in torch), and a trace that differs is dropped.
@@ -30,7 +30,12 @@ if TYPE_CHECKING:
 
 _CHECK_RUNS = 3
 _LOCK = threading.Lock()
-TRACE_AFTER = 4  # eager calls of a signature before it is traced: short runs (tests, a few steps) never pay for it
+# Making a trace costs ~0.6 s (`small`, batch 1: tracing 0.3 s, the profiling executor's first runs 0.3 s) and
+# saves the per-call overhead, ~4-5 ms a pass: it pays after ~130 passes of small calls and never for large ones,
+# whose time is GEMMs (Sudoku eval, batch 32 x 81 tokens: 310 -> 296 ms a pass). So only calls of at most
+# TRACE_MAX_TOKENS canvas tokens are traced, on a signature's TRACE_AFTER + 1-th call (short runs never pay).
+TRACE_AFTER = 16
+TRACE_MAX_TOKENS = 256
 ENABLED = os.environ.get("DGEMMA_TRACE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
@@ -56,7 +61,7 @@ class _Body(nn.Module):
 
 
 def _usable(bb: "Backbone", canvas: torch.Tensor) -> bool:
-    return (ENABLED and canvas.device.type == "cpu" and not torch.is_grad_enabled() and not bb.training
+    return (ENABLED and canvas.device.type == "cpu" and canvas.numel() <= TRACE_MAX_TOKENS and not torch.is_grad_enabled() and not bb.training
             and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing() and not _cpu_fuser_on())
 
 
