@@ -10,6 +10,11 @@ from dgemma.model import traced
 from dgemma.presets import init_checkpoint
 
 
+@pytest.fixture(autouse=True)
+def quick_traces(monkeypatch):
+    monkeypatch.setattr(traced, "TRACE_AFTER", 4)  # the policy's threshold is for speed; correctness is the same
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     return dgemma.load(init_checkpoint("tiny", tmp_path_factory.mktemp("traced") / "tiny"), device="cpu")

@@ -3,7 +3,7 @@
 A `small` decoder pass is ~1,500 ATen calls of which only ~150 are matrix products; on a 2-core CPU the Python and
 dispatch work between them is a sixth of the pass (25 -> 21 ms traced). `torch.jit.trace` records
 `Backbone.denoise_body` once per call signature (which optional inputs are present, batch and canvas size), on the
-signature's 17th call (see TRACE_AFTER for when a trace pays), and then replays the recorded ATen graph from C++. The graph holds the same operators in the
+signature's 65th call (see TRACE_AFTER for when a trace pays), and then replays the recorded ATen graph from C++. The graph holds the same operators in the
 same order on the same tensors, so the logits are the same bits as eager: each new trace is checked against an
 eager pass over its first runs (TorchScript's profiling executor optimises the graph after the first one; its CPU
 fuser, which would change the arithmetic, is off by default in torch), and a trace that differs is dropped.
@@ -33,8 +33,10 @@ _LOCK = threading.Lock()
 # Making a trace costs ~0.6 s (`small`, batch 1: tracing 0.3 s, the profiling executor's first runs 0.3 s) and
 # saves the per-call overhead, ~4-5 ms a pass: it pays after ~130 passes of small calls and never for large ones,
 # whose time is GEMMs (Sudoku eval, batch 32 x 81 tokens: 310 -> 296 ms a pass). So only calls of at most
-# TRACE_MAX_TOKENS canvas tokens are traced, on a signature's TRACE_AFTER + 1-th call (short runs never pay).
-TRACE_AFTER = 16
+# TRACE_MAX_TOKENS canvas tokens are traced, and only once a signature has run TRACE_AFTER times: a one-off 16-step
+# generation never traces (it would lose 0.4 s), a one-off 48-step one about breaks even, and a process that keeps
+# generating (a notebook, the bench after its warm-up, an eval loop at batch 1) gains from then on.
+TRACE_AFTER = 64
 TRACE_MAX_TOKENS = 256
 ENABLED = os.environ.get("DGEMMA_TRACE", "1").strip().lower() not in ("0", "false", "no", "off")
 
