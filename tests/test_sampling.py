@@ -394,6 +394,26 @@ def test_fast_multinomial_equals_torch_multinomial(shape):
     assert torch.equal(torch.empty(1001).exponential_(generator=g1), exponential(1001, g2))
 
 
+@pytest.mark.parametrize("shape", [(64, 8192), (5, 300_000), (300, 7)])
+def test_fast_multinomial_needed_rows_only(shape, monkeypatch):
+    """With `need`, the needed rows get torch.multinomial's sample and the generator ends where torch leaves it;
+    the other rows are not computed. (5, 300000) spans several chunks of words; (300, 7) many rows per chunk."""
+    import dgemma.fastrand as fr
+
+    monkeypatch.setattr(fr, "_CHUNK", 1 << 20 if shape[1] > 1000 else 64)  # small chunks for the narrow case
+    R, V = shape
+    for s in range(6):
+        g1, g2 = torch.Generator().manual_seed(s), torch.Generator().manual_seed(s)
+        torch.randint(0, 97, (s % 3,), generator=g1), torch.randint(0, 97, (s % 3,), generator=g2)
+        p = torch.softmax(torch.randn(shape, generator=torch.Generator().manual_seed(50 + s)) * 3, -1)
+        need = torch.rand(R, generator=torch.Generator().manual_seed(90 + s)) < (0.05, 0.5, 1.0, 0.0, 0.2, 0.9)[s]
+        want = torch.multinomial(p, 1, generator=g1)
+        got = fr.multinomial1(p, g2, need)
+        assert torch.equal(got[need], want[need]) and bool((got[~need] == 0).all())
+        assert torch.equal(g1.get_state(), g2.get_state())
+        assert torch.equal(torch.randint(0, 8192, (9,), generator=g1), torch.randint(0, 8192, (9,), generator=g2))
+
+
 def test_fast_multinomial_default_generator_and_fallbacks():
     from dgemma.fastrand import multinomial1
 

@@ -72,17 +72,48 @@ def exponential(n: int, gen: torch.Generator | None) -> torch.Tensor | None:
     return _draw(n, g)
 
 
-def multinomial1(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def multinomial1(probs: torch.Tensor, generator: torch.Generator | None,
+                 need: torch.Tensor | None = None) -> torch.Tensor:
     """`torch.multinomial(probs, 1, generator=generator)` for a 2-D CPU float32 probs, identical result and
-    generator state, with the exponential draws computed by `exponential`."""
+    generator state, with the exponential draws computed by `exponential`.
+
+    need: optional bool [rows]: only these rows' samples are wanted. The generator still advances over every row
+    (the words are drawn in stream order, so everything drawn later is unchanged), but the exponential transform,
+    the division and the argmax run on the needed rows only; the other rows return 0. The sampler needs a sample
+    only where a position is accepted, typically a few of a canvas's rows per step."""
     if probs.device.type != "cpu" or probs.dtype != torch.float32 or probs.dim() != 2 or not probs.is_contiguous() \
             or probs.requires_grad:
         return torch.multinomial(probs, 1, generator=generator)
     sums = probs.sum(-1)
-    if not bool(torch.isfinite(sums).all()) or not bool((sums > 0).all()) or bool((probs.amin(-1) < 0).any()):
+    if not bool(torch.isfinite(sums).all() & (sums > 0).all() & (probs.amin() >= 0)):
         return torch.multinomial(probs, 1, generator=generator)  # torch's own error message
+    if need is not None:
+        out = _multinomial_rows(probs, generator, need.reshape(-1))
+        if out is not None:
+            return out
     q = exponential(probs.numel(), generator)
     if q is None:
         return torch.multinomial(probs, 1, generator=generator)
     q = torch.div(probs, q.view_as(probs), out=q.view_as(probs))
     return torch.argmax(q, dim=-1, keepdim=True)
+
+
+def _multinomial_rows(probs: torch.Tensor, gen: torch.Generator | None, need: torch.Tensor) -> torch.Tensor | None:
+    """multinomial1 for the rows in `need` (bool [R]); None when the fast path is off (nothing drawn then)."""
+    g = gen if gen is not None else torch.default_generator
+    if g.device.type != "cpu" or exponential(0, g) is None:  # runs the one-time self-check; draws nothing
+        return None
+    R, V = probs.shape
+    out = torch.zeros(R, 1, dtype=torch.long)
+    per = max(1, _CHUNK // V)  # rows per chunk of words
+    words = torch.empty(min(R, per) * V, dtype=torch.int64)
+    for r0 in range(0, R, per):
+        r1 = min(R, r0 + per)
+        x = words[:(r1 - r0) * V].random_(generator=g).view(r1 - r0, V)  # every row's words, in stream order
+        sel = need[r0:r1].nonzero().squeeze(1)
+        if sel.numel() == 0:
+            continue
+        u = x[sel].bitwise_and_(_MASK53).double().mul_(2.0 ** -53)
+        q = u.neg_().log1p_().neg_().float()  # the same float32 Exp(1) variates as _draw
+        out[r0 + sel] = torch.argmax(torch.div(probs[r0 + sel], q), dim=-1, keepdim=True)
+    return out

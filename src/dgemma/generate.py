@@ -79,10 +79,12 @@ def denoise_step(backbone: Backbone, st: BlockState, raw: torch.Tensor, n: int, 
     T = sampling.temperature(n, gcfg.max_denoising_steps, gcfg.t_min, gcfg.t_max, dev)
     z = raw / T
     probs = torch.softmax(z, dim=-1, dtype=torch.float32)
-    samp = sampling.sample(probs, generator)
     amax = torch.argmax(z, dim=-1)
     h = sampling.entropy(z)
     acc = sampling.entropy_bound_accept(h, gcfg.entropy_bound)
+    # The sample is drawn after the (deterministic) acceptance, still before the renoising draw, so the stream
+    # order is the reference's; only accepted positions of active rows read it, so only those are computed.
+    samp = sampling.sample(probs, generator, acc & active[:, None])
     new = torch.where(acc, samp, sampling.noise((B, L), V, generator, dev))
     changed = acc & (st.last_acc >= 0) & (samp != st.last_acc) & active[:, None]
     st.revisions += changed.sum(-1)

@@ -52,13 +52,16 @@ def entropy_bound_accept(h: torch.Tensor, bound: float) -> torch.Tensor:
 _TORCH_MULTINOMIAL = os.environ.get("DGEMMA_TORCH_MULTINOMIAL", "") not in ("", "0")  # A/B switch for benchmarks
 
 
-def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One multinomial draw per position from probs [B, L, V] (fp32), in the reference's draw order."""
+def sample(probs: torch.Tensor, generator: torch.Generator | None, need: torch.Tensor | None = None) -> torch.Tensor:
+    """One multinomial draw per position from probs [B, L, V] (fp32), in the reference's draw order.
+
+    need: optional bool [B, L]: positions whose sample is used; on the CPU the others are not computed (they read
+    0) while the generator advances exactly as for all of them."""
     B, L, V = probs.shape
     if probs.device.type == "cpu" and not _TORCH_MULTINOMIAL:  # same draws, without torch's scalar exponential_
         from .fastrand import multinomial1
 
-        return multinomial1(probs.reshape(-1, V), generator).view(B, L)
+        return multinomial1(probs.reshape(-1, V), generator, need).view(B, L)
     return torch.multinomial(probs.view(-1, V), num_samples=1, generator=generator).view(B, L)
 
 
