@@ -1,13 +1,17 @@
 """The decoder pass as a TorchScript trace on the CPU: the same kernels, without Python between them.
 
 A `small` decoder pass is ~1,500 ATen calls of which only ~150 are matrix products; on a 2-core CPU the Python and
-dispatch work between them is a sixth of the pass (25 -> 21 ms traced). `torch.jit.trace` records
-`Backbone.denoise_body` once per call signature (which optional inputs are present, batch and canvas size), on the
-signature's 65th call (see TRACE_AFTER for when a trace pays), and then replays the recorded ATen graph from C++. The graph holds the same operators in the
-same order on the same tensors, so the logits are the same bits as eager: each new trace is checked against an
-eager pass over its first runs (TorchScript's profiling executor optimises the graph after the first one; its CPU
-fuser, which would change the arithmetic, is off by default in torch), and a trace that differs is dropped.
-Positions, cached prefix lengths and masks are inputs, so one trace serves every canvas of a generation.
+dispatch work between them is a sixth of the pass. `torch.jit.trace` records `Backbone.denoise_body` once per call
+signature (which optional inputs are present, batch and canvas size), on the signature's 65th call (see TRACE_AFTER
+for when a trace pays), and then replays the recorded ATen graph from C++. The graph holds the same operators in the
+same order on the same tensors, so the logits are the same bits as eager; each new trace is also checked against an
+eager pass, and a trace that differs is dropped. Positions, cached prefix lengths and masks are inputs, so one trace
+serves every canvas of a generation.
+
+The graph runs with TorchScript's optimising executor off (`optimized_execution(False)`). The profiling executor
+was ~1 ms a pass faster in steady state, but it re-specialises on every new prefix length and, once out of
+"bailouts", fell back to a path slower than eager (37 instead of 28 ms a pass in a long bench). It also could not
+change the arithmetic after the check.
 
 Used only where it is known to help and to be exact: CPU tensors, no gradients, eval mode, no autocast.
 `DGEMMA_TRACE=0` turns it off; anything that fails while tracing falls back to the eager pass for that signature,
@@ -28,14 +32,13 @@ from torch import nn
 if TYPE_CHECKING:
     from .backbone import Backbone
 
-_CHECK_RUNS = 3
+_CHECK_RUNS = 1
 _LOCK = threading.Lock()
-# Making a trace costs ~0.6 s (`small`, batch 1: tracing 0.3 s, the profiling executor's first runs 0.3 s) and
-# saves the per-call overhead, ~4-5 ms a pass: it pays after ~130 passes of small calls and never for large ones,
-# whose time is GEMMs (Sudoku eval, batch 32 x 81 tokens: 310 -> 296 ms a pass). So only calls of at most
-# TRACE_MAX_TOKENS canvas tokens are traced, and only once a signature has run TRACE_AFTER times: a one-off 16-step
-# generation never traces (it would lose 0.4 s), a one-off 48-step one about breaks even, and a process that keeps
-# generating (a notebook, the bench after its warm-up, an eval loop at batch 1) gains from then on.
+# Making a trace costs ~0.35 s (`small`, batch 1) and saves the per-call overhead, ~4 ms a pass (25.7 -> 21.7 ms):
+# it pays after ~80 passes of small calls and never for large ones, whose time is GEMMs (Sudoku eval, batch 32 x 81
+# tokens: 310 -> 296 ms a pass). So only calls of at most TRACE_MAX_TOKENS canvas tokens are traced, and only once a
+# signature has run TRACE_AFTER times: a one-off 16-step generation of 256 tokens never traces (2.18 s, eager 2.15),
+# a one-off 48-step one gains (6.18 against 6.58 s), and a process that keeps generating gains from then on.
 TRACE_AFTER = 64
 TRACE_MAX_TOKENS = 256
 ENABLED = os.environ.get("DGEMMA_TRACE", "1").strip().lower() not in ("0", "false", "no", "off")
@@ -117,7 +120,7 @@ def run_denoise(bb: "Backbone", canvas: torch.Tensor, sc: torch.Tensor | None, s
         return bb.denoise_body(canvas, sc, sc_mask, rope, masks, kv)
     if fn is False:
         return bb.denoise_body(canvas, sc, sc_mask, rope, masks, kv)
-    with torch.jit.optimized_execution(True):
+    with torch.jit.optimized_execution(False):  # see the module docstring
         return fn(*args)
 
 
@@ -136,7 +139,7 @@ def _make(bb: "Backbone", key: tuple, args: tuple, eager_args: tuple):
         frozen = [str(w.message) for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
         if frozen:
             raise RuntimeError(f"the tracer froze an input-dependent value: {frozen[0]}")
-        with torch.jit.optimized_execution(True):  # past the profiling runs: the graph that will be replayed
+        with torch.jit.optimized_execution(False):
             got = [fn(*args) for _ in range(_CHECK_RUNS)]
     except Exception as e:  # any tracer limitation: eager for this signature
         warnings.warn(f"dgemma: tracing the decoder pass failed ({type(e).__name__}: {e}); running it eagerly",
