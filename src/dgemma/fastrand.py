@@ -30,14 +30,18 @@ _MASK53 = (1 << 53) - 1
 _SELF_CHECK: bool | None = None  # None = not run yet
 
 
+def _exp_of_words(x: torch.Tensor) -> torch.Tensor:
+    """float32 Exp(1) variates from random64() words (consumed in place): −log1p(−u), u = (x mod 2⁵³) · 2⁻⁵³."""
+    u = x.bitwise_and_(_MASK53).double().mul_(2.0 ** -53)
+    return u.neg_().log1p_().neg_().float()
+
+
 def _draw(n: int, g: torch.Generator) -> torch.Tensor:
     out = torch.empty(n, dtype=torch.float32)
     words = torch.empty(min(n, _CHUNK), dtype=torch.int64)
     for start in range(0, n, _CHUNK):
         m = min(_CHUNK, n - start)
-        x = words[:m].random_(generator=g)  # random64() mod 2^63, in stream order
-        u = x.bitwise_and_(_MASK53).double().mul_(2.0 ** -53)
-        out[start:start + m] = u.neg_().log1p_().neg_()
+        out[start:start + m] = _exp_of_words(words[:m].random_(generator=g))  # random64() mod 2^63, stream order
     return out
 
 
@@ -54,10 +58,9 @@ def _self_check() -> bool:
     return True
 
 
-def exponential(n: int, gen: torch.Generator | None) -> torch.Tensor | None:
-    """n float32 Exp(1) variates as `torch.empty(n).exponential_(generator=gen)` draws them (and `gen` advanced the
-    same way); None when the fast path cannot be used (a CUDA generator, or the one-time self-check found this torch
-    drawing differently)."""
+def _fast_generator(gen: torch.Generator | None) -> torch.Generator | None:
+    """The generator to draw from on the fast path, or None when it cannot be used (a CUDA generator, or the
+    one-time self-check found this torch drawing differently)."""
     global _SELF_CHECK
     g = gen if gen is not None else torch.default_generator
     if g.device.type != "cpu":
@@ -67,9 +70,14 @@ def exponential(n: int, gen: torch.Generator | None) -> torch.Tensor | None:
             _SELF_CHECK = _self_check()
         except Exception:  # any surprise: stay on torch's own path
             _SELF_CHECK = False
-    if not _SELF_CHECK:
-        return None
-    return _draw(n, g)
+    return g if _SELF_CHECK else None
+
+
+def exponential(n: int, gen: torch.Generator | None) -> torch.Tensor | None:
+    """n float32 Exp(1) variates as `torch.empty(n).exponential_(generator=gen)` draws them (and `gen` advanced the
+    same way); None when the fast path cannot be used (see `_fast_generator`)."""
+    g = _fast_generator(gen)
+    return None if g is None else _draw(n, g)
 
 
 def multinomial1(probs: torch.Tensor, generator: torch.Generator | None,
@@ -100,8 +108,8 @@ def multinomial1(probs: torch.Tensor, generator: torch.Generator | None,
 
 def _multinomial_rows(probs: torch.Tensor, gen: torch.Generator | None, need: torch.Tensor) -> torch.Tensor | None:
     """multinomial1 for the rows in `need` (bool [R]); None when the fast path is off (nothing drawn then)."""
-    g = gen if gen is not None else torch.default_generator
-    if g.device.type != "cpu" or exponential(0, g) is None:  # runs the one-time self-check; draws nothing
+    g = _fast_generator(gen)
+    if g is None:
         return None
     R, V = probs.shape
     out = torch.zeros(R, 1, dtype=torch.long)
@@ -113,7 +121,6 @@ def _multinomial_rows(probs: torch.Tensor, gen: torch.Generator | None, need: to
         sel = need[r0:r1].nonzero().squeeze(1)
         if sel.numel() == 0:
             continue
-        u = x[sel].bitwise_and_(_MASK53).double().mul_(2.0 ** -53)
-        q = u.neg_().log1p_().neg_().float()  # the same float32 Exp(1) variates as _draw
+        q = _exp_of_words(x[sel])  # the same float32 Exp(1) variates as _draw
         out[r0 + sel] = torch.argmax(torch.div(probs[r0 + sel], q), dim=-1, keepdim=True)
     return out

@@ -84,11 +84,12 @@ def denoise_step(backbone: Backbone, st: BlockState, raw: torch.Tensor, n: int, 
     acc = sampling.entropy_bound_accept(h, gcfg.entropy_bound)
     # The sample is drawn after the (deterministic) acceptance, still before the renoising draw, so the stream
     # order is the reference's; only accepted positions of active rows read it, so only those are computed.
-    samp = sampling.sample(probs, generator, acc & active[:, None])
+    taken = acc & active[:, None]
+    samp = sampling.sample(probs, generator, taken)
     new = torch.where(acc, samp, sampling.noise((B, L), V, generator, dev))
-    changed = acc & (st.last_acc >= 0) & (samp != st.last_acc) & active[:, None]
+    changed = taken & (st.last_acc >= 0) & (samp != st.last_acc)
     st.revisions += changed.sum(-1)
-    st.last_acc = torch.where(acc & active[:, None], samp, st.last_acc)
+    st.last_acc = torch.where(taken, samp, st.last_acc)
     sc_new = backbone.soft_embed(z, probs)
     del z, probs
     if bool(st.done.any()):  # frozen rows keep canvas, argmax and self-conditioning (spec §4.2)

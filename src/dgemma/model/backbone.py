@@ -15,6 +15,7 @@ from torch import nn
 from ..config import SLIDING, TextConfig
 from .cache import KVCache
 from .layers import Layer, RMSNorm, gelu_tanh, rms_norm_noscale, rope_cos_sin, rope_inv_freq
+from .traced import run_denoise
 
 
 class Embedding(nn.Module):
@@ -170,8 +171,6 @@ class Backbone(nn.Module):
             lo = cache.start(li, P)
             kv += [cache.keys[li][:, :, lo:P], cache.values[li][:, :, lo:P]]
         rope = [x for t in self._types for x in cos_sin[t]]
-        from .traced import run_denoise
-
         return run_denoise(self, canvas, sc, sc_mask, rope, masks, kv)
 
     def denoise_body(self, canvas: torch.Tensor, sc: torch.Tensor | None, sc_mask: torch.Tensor | None,

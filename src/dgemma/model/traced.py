@@ -32,7 +32,6 @@ from torch import nn
 if TYPE_CHECKING:
     from .backbone import Backbone
 
-_CHECK_RUNS = 1
 _LOCK = threading.Lock()
 # Making a trace costs ~0.35 s (`small`, batch 1) and saves the per-call overhead, ~4 ms a pass (25.7 -> 21.7 ms):
 # it pays after ~80 passes of small calls and never for large ones, whose time is GEMMs (Sudoku eval, batch 32 x 81
@@ -66,8 +65,9 @@ class _Body(nn.Module):
 
 
 def _usable(bb: "Backbone", canvas: torch.Tensor) -> bool:
-    return (ENABLED and canvas.device.type == "cpu" and canvas.numel() <= TRACE_MAX_TOKENS and not torch.is_grad_enabled() and not bb.training
-            and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing() and not _cpu_fuser_on())
+    return (ENABLED and canvas.device.type == "cpu" and canvas.numel() <= TRACE_MAX_TOKENS
+            and not torch.is_grad_enabled() and not bb.training and not torch.is_autocast_enabled("cpu")
+            and not torch.jit.is_tracing() and not _cpu_fuser_on())
 
 
 def _cpu_fuser_on() -> bool:
@@ -98,30 +98,28 @@ def run_denoise(bb: "Backbone", canvas: torch.Tensor, sc: torch.Tensor | None, s
         return bb.denoise_body(canvas, sc, sc_mask, rope, masks, kv)
     has_mask = tuple(m is not None for m in masks)
     key = (sc is not None, sc_mask is not None, has_mask, tuple(canvas.shape), bb.dtype)
-    args = tuple([canvas] + ([sc] if sc is not None else []) + ([sc_mask] if sc_mask is not None else []) + rope
-                 + [m for m in masks if m is not None] + kv)
     ident = _weights_identity(bb)
     if getattr(bb, "_traced_ident", None) != ident:
         bb._traced.clear()
         bb._traced_ident = ident
     fn = bb._traced.get(key, 0)
-    if fn is False:  # tracing failed or differed for this signature
+    if fn is False:  # tracing failed or differed for this signature (or another thread is making it)
         return bb.denoise_body(canvas, sc, sc_mask, rope, masks, kv)
-    if isinstance(fn, int):  # eager calls seen so far for this signature
-        with _LOCK:  # one thread makes a trace; others run eagerly meanwhile
-            fn = bb._traced.get(key, 0)
-            if isinstance(fn, int) and fn >= TRACE_AFTER:
-                bb._traced[key] = False  # taken: eager until the trace is in place
-                fn, out = _make(bb, key, args, (canvas, sc, sc_mask, rope, masks, kv))
-                bb._traced[key] = fn
-                return out
-            if isinstance(fn, int):
-                bb._traced[key] = fn + 1
-        return bb.denoise_body(canvas, sc, sc_mask, rope, masks, kv)
-    if fn is False:
-        return bb.denoise_body(canvas, sc, sc_mask, rope, masks, kv)
-    with torch.jit.optimized_execution(False):  # see the module docstring
-        return fn(*args)
+    args = tuple([canvas] + ([sc] if sc is not None else []) + ([sc_mask] if sc_mask is not None else []) + rope
+                 + [m for m in masks if m is not None] + kv)
+    if not isinstance(fn, int):
+        with torch.jit.optimized_execution(False):  # see the module docstring
+            return fn(*args)
+    with _LOCK:  # eager calls seen so far for this signature; one thread makes the trace
+        fn = bb._traced.get(key, 0)
+        if isinstance(fn, int) and fn >= TRACE_AFTER:
+            bb._traced[key] = False  # taken: eager until the trace is in place
+            fn, out = _make(bb, key, args, (canvas, sc, sc_mask, rope, masks, kv))
+            bb._traced[key] = fn
+            return out
+        if isinstance(fn, int):
+            bb._traced[key] = fn + 1
+    return bb.denoise_body(canvas, sc, sc_mask, rope, masks, kv)
 
 
 def _make(bb: "Backbone", key: tuple, args: tuple, eager_args: tuple):
@@ -140,12 +138,12 @@ def _make(bb: "Backbone", key: tuple, args: tuple, eager_args: tuple):
         if frozen:
             raise RuntimeError(f"the tracer froze an input-dependent value: {frozen[0]}")
         with torch.jit.optimized_execution(False):
-            got = [fn(*args) for _ in range(_CHECK_RUNS)]
+            got = fn(*args)
     except Exception as e:  # any tracer limitation: eager for this signature
         warnings.warn(f"dgemma: tracing the decoder pass failed ({type(e).__name__}: {e}); running it eagerly",
                       RuntimeWarning, stacklevel=3)
         return False, want
-    if not all(torch.equal(g, want) for g in got):
+    if not torch.equal(got, want):
         warnings.warn("dgemma: the traced decoder pass differs from the eager one; running it eagerly",
                       RuntimeWarning, stacklevel=3)
         return False, want

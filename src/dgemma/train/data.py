@@ -120,11 +120,8 @@ def collate(examples: list[Example], canvas_length: int, pad_id: int,
                         "every example needs at least one response token")
     lens = plen + rlen
     S = int(lens.max())
-    if bool((lens == S).all()):
-        ids = torch.tensor([e.prompt + e.response for e in examples], dtype=torch.long)
-    else:
-        ids = torch.tensor([e.prompt + e.response + [pad_id] * (S - len(e.prompt) - len(e.response))
-                            for e in examples], dtype=torch.long)
+    ids = torch.tensor([e.prompt + e.response + [pad_id] * (S - len(e.prompt) - len(e.response))
+                        for e in examples], dtype=torch.long)
     j = torch.arange(S)
     valid = j[None, :] < lens[:, None]
     response = valid & (j[None, :] >= plen[:, None])
