@@ -96,6 +96,10 @@ def test_entropy_equals_categorical_exactly(seed: int) -> None:
     z[1, 2, :] = NEG_INF
     z[1, 2, 9] = 3.0
     assert torch.equal(entropy(z), torch.distributions.Categorical(logits=z).entropy())
+    z[2, 0, 4] = float("nan")  # NaN and +inf rows: NaN like the reference, the other rows unchanged
+    z[2, 1, 4] = float("inf")
+    want = torch.distributions.Categorical(logits=z, validate_args=False).entropy()
+    torch.testing.assert_close(entropy(z), want, rtol=0, atol=0, equal_nan=True)
 
 
 # ---------------------------------------------------------------- entropy_bound_accept (spec §4.3)
@@ -472,3 +476,65 @@ def test_logsumexp_equals_torch_including_the_slow_subnormal_range() -> None:
     for dt in (torch.bfloat16, torch.float16):
         zz = (torch.randn(8, 512, generator=g) * 20).to(dt)
         assert torch.equal(sampling.logsumexp(zz), zz.logsumexp(-1, keepdim=True))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the native generator stepping (dgemma/csrc/mt19937.c via dgemma.native)
+# ------------------------------------------------------------------------------------------------------------
+def test_native_rows_match_torch_random_and_state():
+    """The C helper must leave the needed rows' words and the generator exactly as torch's int64 random_() does,
+    across twists, odd word offsets and need patterns (it is also self-checked at first use)."""
+    from dgemma import fastrand
+
+    fn = fastrand._native_rows()
+    if fn is None:
+        pytest.skip("no C compiler here: the pure-PyTorch path is used (covered by the other tests)")
+    for seed, skip, R, V in ((0, 0, 64, 8192), (3, 1, 7, 1000), (11, 5, 3, 623), (2, 2, 1, 1)):
+        g1, g2 = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        torch.randint(0, 9, (skip,), generator=g1), torch.randint(0, 9, (skip,), generator=g2)
+        need = torch.rand(R, generator=torch.Generator().manual_seed(seed)) < 0.3
+        need[0] = seed % 2 == 0
+        want = torch.empty(R, V, dtype=torch.int64).random_(generator=g1)[need]
+        got = fastrand._native_words(fn, g2, need, V)
+        assert torch.equal(got, want)
+        assert torch.equal(g1.get_state(), g2.get_state())
+        assert torch.equal(torch.rand(5, generator=g1), torch.rand(5, generator=g2))
+
+
+def test_native_helpers_are_optional(monkeypatch, tmp_path):
+    """No compiler, a failing build or DGEMMA_NATIVE=0: no library, and sampling stays exact on torch's path."""
+    from dgemma import fastrand, native
+
+    monkeypatch.setattr(native, "_LIBS", {})
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    assert native.library("mt19937") is None
+    monkeypatch.setattr(native, "_LIBS", {})
+    monkeypatch.setattr(native, "_compiler", lambda: "/bin/false")  # a "compiler" that always fails
+    monkeypatch.setenv("DGEMMA_CACHE", str(tmp_path))
+    assert native.library("mt19937") is None and not list(tmp_path.glob("*.so"))
+    monkeypatch.setattr(native, "ENABLED", False)
+    monkeypatch.setattr(native, "_LIBS", {})
+    assert native.library("mt19937") is None
+    monkeypatch.setattr(fastrand, "_NATIVE", None)  # re-probed: unavailable, so torch's random_ steps the generator
+    p = torch.softmax(torch.randn(6, 300, generator=torch.Generator().manual_seed(1)) * 3, -1)
+    need = torch.tensor([True, False, False, True, False, True])
+    g1, g2 = torch.Generator().manual_seed(8), torch.Generator().manual_seed(8)
+    want = torch.multinomial(p, 1, generator=g1)
+    got = fastrand.multinomial1(p, g2, need)
+    assert fastrand._NATIVE is False
+    assert torch.equal(got[need], want[need]) and torch.equal(g1.get_state(), g2.get_state())
+
+
+def test_native_build_is_cached_in_the_cache_dir(monkeypatch, tmp_path):
+    from dgemma import native
+
+    if native._compiler() is None:
+        pytest.skip("no C compiler here")
+    monkeypatch.setattr(native, "_LIBS", {})
+    monkeypatch.setenv("DGEMMA_CACHE", str(tmp_path))
+    assert native.library("mt19937") is not None
+    built = list(tmp_path.glob("mt19937-*.so"))
+    assert len(built) == 1
+    monkeypatch.setattr(native, "_LIBS", {})
+    mtime = built[0].stat().st_mtime_ns
+    assert native.library("mt19937") is not None and built[0].stat().st_mtime_ns == mtime  # reused, not rebuilt

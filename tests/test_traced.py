@@ -176,3 +176,30 @@ def test_no_trace_when_the_experts_would_loop_in_python(model, monkeypatch):
         canvas = torch.randint(0, bb.cfg.vocab_size, (1, 16), generator=g)
         assert torch.equal(bb.denoise(canvas, cache), _eager(bb, canvas, cache))
     assert not _traces(bb)
+
+
+@torch.no_grad()
+def test_weight_first_head_only_where_it_gives_the_same_bits(model, monkeypatch):
+    """The trace takes the head product as W·hᵀ (faster in MKL at batch 1) only when its logits equal the eager
+    pass's; on a BLAS where they differ it is made again in the reference's orientation, without a warning."""
+    import warnings
+
+    import dgemma.model.backbone as backbone
+
+    bb = model.backbone
+    cache = _prefilled(bb, 1, 20)
+    canvas = torch.randint(0, bb.cfg.vocab_size, (1, 16), generator=torch.Generator().manual_seed(3))
+    want = _eager(bb, canvas, cache)
+    bb._traced.clear()
+    assert all(torch.equal(bb.denoise(canvas, cache), want) for _ in range(traced.TRACE_AFTER + 2))
+    (fn,) = _traces(bb)
+    assert "aten::mm(" in str(fn.inlined_graph)  # the weight-first head product is in the graph
+
+    real = backbone._head_feature_major
+    monkeypatch.setattr(backbone, "_head_feature_major", lambda h, w, cap: real(h, w, cap) * (1 + 1e-6))
+    bb._traced.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # falling back to the usual orientation is silent
+        assert all(torch.equal(bb.denoise(canvas, cache), want) for _ in range(traced.TRACE_AFTER + 2))
+    (fn,) = _traces(bb)
+    assert "aten::mm(" not in str(fn.inlined_graph)

@@ -23,7 +23,11 @@ token-for-token equality with torch.multinomial over many seeds, shapes and inte
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
+
+from . import native
 
 _CHUNK = 1 << 20  # variates per step of the loop: bounds the temporaries (~20 bytes per variate) for any vocabulary
 _MASK53 = (1 << 53) - 1
@@ -113,6 +117,13 @@ def _multinomial_rows(probs: torch.Tensor, gen: torch.Generator | None, need: to
         return None
     R, V = probs.shape
     out = torch.zeros(R, 1, dtype=torch.long)
+    fn = _native_rows()
+    if fn is not None:  # the generator advanced in C, words tempered only for the needed rows
+        sel = need.nonzero().squeeze(1)
+        x = _native_words(fn, g, need, V)
+        if sel.numel():
+            out[sel] = torch.argmax(torch.div(probs[sel], _exp_of_words(x)), dim=-1, keepdim=True)
+        return out
     per = max(1, _CHUNK // V)  # rows per chunk of words
     words = torch.empty(min(R, per) * V, dtype=torch.int64)
     for r0 in range(0, R, per):
@@ -124,3 +135,67 @@ def _multinomial_rows(probs: torch.Tensor, gen: torch.Generator | None, need: to
         q = _exp_of_words(x[sel])  # the same float32 Exp(1) variates as _draw
         out[r0 + sel] = torch.argmax(torch.div(probs[r0 + sel], q), dim=-1, keepdim=True)
     return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Native stepping of the generator (dgemma/csrc/mt19937.c): torch's Mersenne Twister produces and tempers every
+# 32-bit word (~2 ms for a [64, 8192] draw on a 2-core VM); the sampler needs the words of a few rows and the state
+# after all of them. The C helper twists the state in vectorisable loops and tempers only the needed rows' words.
+# It works on torch's serialised generator state (get_state / set_state), whose layout is checked once against torch.
+# ------------------------------------------------------------------------------------------------------------
+_STATE_BYTES = 5056  # CPUGeneratorImplState: seed, int32 left, int32 seeded, uint64 next, uint64 words[624], ...
+_LEFT, _NEXT, _WORDS = 8, 16, 24  # byte offsets of the fields used here
+_NATIVE: object = None  # None = not tried yet; False = unavailable; else the C function
+
+
+def _native_words(fn, g: torch.Generator, need: torch.Tensor, V: int) -> torch.Tensor:
+    """Advance `g` over need.numel() rows of V random64() draws; the needed rows' words as int64 [n, V]
+    (torch's int64 random_() values)."""
+    st = g.get_state()
+    b = st.numpy()
+    left = ctypes.c_int64(int(b[_LEFT:_LEFT + 4].view("int32")[0]))
+    nxt = ctypes.c_int64(int(b[_NEXT:_NEXT + 8].view("uint64")[0]))
+    mask = need.to(torch.uint8).contiguous()
+    out = torch.empty(int(mask.sum()), V, dtype=torch.int64)
+    fn(ctypes.c_void_p(st.data_ptr() + _WORDS), ctypes.byref(left), ctypes.byref(nxt), ctypes.c_int64(mask.numel()),
+       ctypes.c_int64(V), ctypes.c_void_p(mask.data_ptr()), ctypes.c_void_p(out.data_ptr()))
+    b[_LEFT:_LEFT + 4].view("int32")[0] = left.value
+    b[_NEXT:_NEXT + 8].view("uint64")[0] = nxt.value
+    g.set_state(st)
+    return out
+
+
+def _native_check(fn) -> bool:
+    """Does the C helper leave the words and the generator exactly as torch's int64 random_() does?"""
+    for seed, skip, rows, V, pattern in ((0, 0, 3, 700, (1, 0, 1)), (1, 1, 5, 333, (0, 1, 0, 0, 1)),
+                                         (7, 3, 4, 1000, (0, 0, 0, 0)), (9, 0, 2, 5, (1, 1))):
+        g1, g2 = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        if skip:  # not pair-aligned
+            torch.randint(0, 7, (skip,), generator=g1), torch.randint(0, 7, (skip,), generator=g2)
+        need = torch.tensor(pattern, dtype=torch.bool)
+        want = torch.empty(rows, V, dtype=torch.int64).random_(generator=g1)[need]
+        got = _native_words(fn, g2, need, V)
+        if not torch.equal(want, got) or not torch.equal(g1.get_state(), g2.get_state()):
+            return False
+        if not torch.equal(torch.randint(0, 1 << 30, (50,), generator=g1), torch.randint(0, 1 << 30, (50,), generator=g2)):
+            return False
+    return True
+
+
+def _native_rows():
+    """The C function, once it has been built and checked against this torch; None otherwise."""
+    global _NATIVE
+    if _NATIVE is None:
+        _NATIVE = False
+        try:
+            lib = native.library("mt19937")
+            if lib is not None and torch.Generator().get_state().numel() == _STATE_BYTES:
+                fn = lib.dgemma_mt_rows
+                fn.restype = None
+                fn.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int64),
+                               ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+                if _native_check(fn):
+                    _NATIVE = fn
+        except Exception:  # any surprise: torch's own stepping
+            _NATIVE = False
+    return _NATIVE or None

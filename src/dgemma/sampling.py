@@ -35,10 +35,16 @@ def logsumexp(z: torch.Tensor) -> torch.Tensor:
 
 def entropy(z: torch.Tensor) -> torch.Tensor:
     """Per-position entropy of softmax(z) over the last dim: −Σ p·log p with log p = z − logsumexp(z) clamped
-    at the dtype minimum (torch's Categorical)."""
+    at the dtype minimum (torch's Categorical). The clamp only changes log p = −inf, where p = 0 and the unclamped
+    product is NaN; so on the CPU it is applied only when a row came out NaN (the same bits, one pass fewer)."""
     logp = z - logsumexp(z)
     p = torch.softmax(logp, dim=-1)
-    return -(torch.clamp(logp, min=torch.finfo(z.dtype).min) * p).sum(-1)
+    if z.device.type != "cpu":  # no host sync on accelerators
+        return -(torch.clamp(logp, min=torch.finfo(z.dtype).min) * p).sum(-1)
+    h = -(logp * p).sum(-1)
+    if bool(h.isnan().any()):
+        h = -(torch.clamp(logp, min=torch.finfo(z.dtype).min) * p).sum(-1)
+    return h
 
 
 def entropy_bound_accept(h: torch.Tensor, bound: float) -> torch.Tensor:

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..config import SLIDING, TextConfig
 from .cache import KVCache
-from .layers import Layer, RMSNorm, gelu_tanh, rms_norm_noscale, rope_cos_sin, rope_inv_freq
+from .layers import Layer, RMSNorm, feature_major, gelu_tanh, rms_norm_noscale, rope_cos_sin, rope_inv_freq
 from .traced import run_denoise
 
 
@@ -63,11 +63,12 @@ class Backbone(nn.Module):
         self._type_index = [self._types.index(t) for t in cfg.layer_types]
         self._traced: dict = {}  # TorchScript traces of denoise_body (model/traced.py)
         self._scale_cache: dict[torch.dtype, torch.Tensor] = {}
+        self._canvas_rope: dict[tuple, list[torch.Tensor]] = {}  # (start, length, device, dtype) -> cos/sin list
 
     def __getstate__(self) -> dict:
         """Pickling and deepcopy leave the traces behind (a copy traces its own weights when it runs)."""
         state = self.__dict__.copy()
-        state["_traced"], state["_traced_ident"] = {}, None
+        state["_traced"], state["_traced_ident"], state["_canvas_rope"] = {}, None, {}
         return state
 
     @property
@@ -156,7 +157,12 @@ class Backbone(nn.Module):
         B, L = canvas.shape
         P = cache.length
         dev = canvas.device
-        cos_sin = self._rope(torch.arange(P, P + L, device=dev))
+        rope = self._canvas_rope.get((P, L, dev, self.dtype))
+        if rope is None:  # the same positions for every step of a canvas: computed once
+            if len(self._canvas_rope) >= 64:
+                self._canvas_rope.clear()
+            cos_sin = self._rope(torch.arange(P, P + L, device=dev))
+            rope = self._canvas_rope[(P, L, dev, self.dtype)] = [x for t in self._types for x in cos_sin[t]]
         masks: list[torch.Tensor | None] = []
         for t in self._types:
             lo = cache.start(self.cfg.layer_types.index(t), P)
@@ -170,7 +176,6 @@ class Backbone(nn.Module):
         for li in range(len(self.layers)):
             lo = cache.start(li, P)
             kv += [cache.keys[li][:, :, lo:P], cache.values[li][:, :, lo:P]]
-        rope = [x for t in self._types for x in cos_sin[t]]
         return run_denoise(self, canvas, sc, sc_mask, rope, masks, kv)
 
     def denoise_body(self, canvas: torch.Tensor, sc: torch.Tensor | None, sc_mask: torch.Tensor | None,
@@ -188,7 +193,10 @@ class Backbone(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm, tied head on the raw embedding, fp32, softcap (spec §2.9)."""
-        out = F.linear(self.norm(x), self.embed_tokens.weight).float()
+        h = self.norm(x)
+        if feature_major() and h.dtype == torch.float32 and not h.requires_grad:
+            return _head_feature_major(h, self.embed_tokens.weight, self.softcap)
+        out = F.linear(h, self.embed_tokens.weight).float()
         if self.softcap:
             if out.requires_grad:  # training: autograd needs tanh's output intact
                 out = torch.tanh(out / self.softcap) * self.softcap
@@ -200,3 +208,14 @@ class Backbone(nn.Module):
         return KVCache(self.cfg, batch, capacity, self.dtype, self.device)
 
 
+
+
+def _head_feature_major(h: torch.Tensor, weight: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """`logits` for fp32 inference with the product taken as W·hᵀ ([V, N], see `layers.feature_major_products`).
+    The softcap's division reads it transposed and writes the usual [.., V] layout (a division is exact whatever
+    the order), then tanh and the multiplication run in place on that layout, as in `logits`."""
+    shape = h.shape[:-1]
+    prod_t = torch.mm(weight, h.reshape(-1, h.shape[-1]).t())  # [V, N]
+    view = prod_t.t().view(shape + (weight.shape[0],))
+    out = torch.empty(view.shape, dtype=torch.float32, device=h.device).copy_(view)
+    return out.div_(softcap).tanh_().mul_(softcap) if softcap else out

@@ -6,6 +6,9 @@ eager attention with an fp32 softmax, fp32 router, experts summed over the top-k
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,6 +35,31 @@ class RMSNorm(nn.Module):
 def rms_norm_noscale(x: torch.Tensor, eps: float) -> torch.Tensor:
     h = x.float()
     return (h * torch.pow(h.pow(2).mean(-1, keepdim=True) + eps, -0.5)).type_as(x)
+
+
+class _Layout(threading.local):
+    feature_major = False
+
+
+_LAYOUT = _Layout()
+
+
+@contextmanager
+def feature_major_products():
+    """While active (in this thread), inference matrix products with the weight as the left operand, W·xᵀ, where
+    MKL is faster at batch 1 (the tied head: [V, H]·[H, 64] took 1.6 ms against 2.3-3.6 ms for x·Wᵀ on this 2-core
+    VM). Every output is the same K-long dot product, and MKL gives the same bits in both orientations here, but that
+    is a property of the BLAS, not a guarantee: only the CPU trace uses it, and a trace is kept only if its logits
+    equal the eager pass's (model/traced.py), which takes the reference's orientation."""
+    old, _LAYOUT.feature_major = _LAYOUT.feature_major, True
+    try:
+        yield
+    finally:
+        _LAYOUT.feature_major = old
+
+
+def feature_major() -> bool:
+    return _LAYOUT.feature_major
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -108,11 +136,10 @@ class Attention(nn.Module):
     def qkv_post(self, q: torch.Tensor, k_raw: torch.Tensor, v_raw: torch.Tensor | None, cos: torch.Tensor,
                  sin: torch.Tensor):
         """Projected q [B,S,nh·d], k/v [B,S,g·d] (v None on full layers: V = K) -> normed, rotated, head-major."""
-        B, S, _ = q.shape
-        q = q.view(B, S, self.n_heads, self.head_dim)
+        q = q.unflatten(-1, (self.n_heads, self.head_dim))  # constant sizes: nothing for a trace to read back
         q = apply_rope(self.q_norm(q), cos, sin).transpose(1, 2)
-        k_raw = k_raw.view(B, S, self.n_kv, self.head_dim)
-        v_raw = v_raw.view(B, S, self.n_kv, self.head_dim) if v_raw is not None else k_raw
+        k_raw = k_raw.unflatten(-1, (self.n_kv, self.head_dim))
+        v_raw = v_raw.unflatten(-1, (self.n_kv, self.head_dim)) if v_raw is not None else k_raw
         k = apply_rope(self.k_norm(k_raw), cos, sin).transpose(1, 2)
         v = rms_norm_noscale(v_raw, self.eps).transpose(1, 2)
         return q, k, v
@@ -123,15 +150,14 @@ class Attention(nn.Module):
         k, v = k.contiguous(), v.contiguous()
         rep = self.n_heads // self.n_kv
         if rep > 1:  # repeat-interleave order: query head j uses KV head j // rep
-            B, g, S, d = k.shape
-            k = k[:, :, None].expand(B, g, rep, S, d).reshape(B, g * rep, S, d)
-            v = v[:, :, None].expand(B, g, rep, S, d).reshape(B, g * rep, S, d)
+            k = k[:, :, None].expand(-1, -1, rep, -1, -1).flatten(1, 2)
+            v = v[:, :, None].expand(-1, -1, rep, -1, -1).flatten(1, 2)
         w = torch.matmul(q, k.transpose(2, 3))
         if mask is not None:
             w = w + mask
         w = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
         out = torch.matmul(w, v).transpose(1, 2).contiguous()
-        return out.reshape(out.shape[0], out.shape[1], -1)
+        return out.flatten(2)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return self.o_proj(self.core(q, k, v, mask))
@@ -240,9 +266,9 @@ class Layer(nn.Module):
     def ffn(self, x: torch.Tensor) -> torch.Tensor:
         """Everything after attention; x is the residual stream after the attention add."""
         h1 = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
-        flat = x.reshape(-1, x.shape[-1])
+        flat = x.flatten(0, -2)
         w, idx = self.router(flat)
-        h2 = self.experts(self.pre_feedforward_layernorm_2(flat), w, idx).reshape(x.shape)
+        h2 = self.experts(self.pre_feedforward_layernorm_2(flat), w, idx).view_as(x)
         h2 = self.post_feedforward_layernorm_2(h2)
         return x + self.post_feedforward_layernorm(h1 + h2)
 
@@ -260,5 +286,5 @@ def init_weights(module: nn.Module, std: float = 0.02, generator: torch.Generato
                 b.fill_(1.0)
 
 
-__all__ = ["RMSNorm", "MLP", "Attention", "Router", "Experts", "Layer", "rope_inv_freq", "rope_cos_sin",
+__all__ = ["feature_major_products", "feature_major", "RMSNorm", "MLP", "Attention", "Router", "Experts", "Layer", "rope_inv_freq", "rope_cos_sin",
            "apply_rope", "rms_norm_noscale", "gelu_tanh", "init_weights"]

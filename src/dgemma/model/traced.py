@@ -20,6 +20,7 @@ with a warning.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import warnings
@@ -28,6 +29,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .layers import feature_major_products
 
 if TYPE_CHECKING:
     from .backbone import Backbone
@@ -123,31 +126,36 @@ def run_denoise(bb: "Backbone", canvas: torch.Tensor, sc: torch.Tensor | None, s
 
 
 def _make(bb: "Backbone", key: tuple, args: tuple, eager_args: tuple):
-    """Trace one signature and check it against eager on the same inputs. Returns (trace or False, logits)."""
+    """Trace one signature and check it against eager on the same inputs. Returns (trace or False, logits).
+
+    The trace is first made with the weight-first matrix products (`layers.feature_major_products`); if its logits
+    are not the eager pass's bits on this machine's BLAS, it is made again in the eager orientation."""
     want = bb.denoise_body(*eager_args)
     if not _grouped_mm_fused(bb):
         return False, want  # the experts would run a Python loop over this input's routing: not traceable
     body = _Body(bb, key[0], key[1], key[2], len(eager_args[3]), len(eager_args[5]))
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            fn = torch.jit.trace(body, args, check_trace=False)
-        # A TracerWarning means a value of this input was frozen into the graph (e.g. a tensor read as a Python
-        # number): such a trace would be wrong for other inputs. (torch's deprecation notice is not a problem.)
-        frozen = [str(w.message) for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
-        if frozen:
-            raise RuntimeError(f"the tracer froze an input-dependent value: {frozen[0]}")
-        with torch.jit.optimized_execution(False):
-            got = fn(*args)
-    except Exception as e:  # any tracer limitation: eager for this signature
-        warnings.warn(f"dgemma: tracing the decoder pass failed ({type(e).__name__}: {e}); running it eagerly",
-                      RuntimeWarning, stacklevel=3)
-        return False, want
-    if not torch.equal(got, want):
-        warnings.warn("dgemma: the traced decoder pass differs from the eager one; running it eagerly",
-                      RuntimeWarning, stacklevel=3)
-        return False, want
-    return fn, want
+    for weight_first in (True, False):
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                with feature_major_products() if weight_first else contextlib.nullcontext():
+                    fn = torch.jit.trace(body, args, check_trace=False)
+            # A TracerWarning means a value of this input was frozen into the graph (e.g. a tensor read as a Python
+            # number): such a trace would be wrong for other inputs. (torch's deprecation notice is not a problem.)
+            frozen = [str(w.message) for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+            if frozen:
+                raise RuntimeError(f"the tracer froze an input-dependent value: {frozen[0]}")
+            with torch.jit.optimized_execution(False):
+                got = fn(*args)
+        except Exception as e:  # any tracer limitation: eager for this signature
+            warnings.warn(f"dgemma: tracing the decoder pass failed ({type(e).__name__}: {e}); running it eagerly",
+                          RuntimeWarning, stacklevel=3)
+            return False, want
+        if torch.equal(got, want):
+            return fn, want
+    warnings.warn("dgemma: the traced decoder pass differs from the eager one; running it eagerly",
+                  RuntimeWarning, stacklevel=3)
+    return False, want
 
 
 def _grouped_mm_fused(bb: "Backbone") -> bool:
