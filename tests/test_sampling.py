@@ -499,6 +499,34 @@ def test_native_rows_match_torch_random_and_state():
         assert torch.equal(got, want)
         assert torch.equal(g1.get_state(), g2.get_state())
         assert torch.equal(torch.rand(5, generator=g1), torch.rand(5, generator=g2))
+    # used only on a caller's own generator (it steps the state outside torch's lock) and a CPU bool row mask
+    g, need = torch.Generator().manual_seed(0), torch.ones(4, dtype=torch.bool)
+    assert fastrand._native_ok(g, need, 4)
+    assert not fastrand._native_ok(torch.default_generator, need, 4)
+    assert not fastrand._native_ok(g, need, 5) and not fastrand._native_ok(g, need.float(), 4)
+
+
+def test_native_library_only_from_private_places(monkeypatch, tmp_path):
+    """A directory or library another user could write to is never loaded from (the temp fallback is shared)."""
+    from dgemma import native
+
+    if native._compiler() is None:
+        pytest.skip("no C compiler here")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setattr(native, "_LIBS", {})
+    monkeypatch.setenv("DGEMMA_CACHE", str(shared))
+    assert native.library("mt19937") is None and not list(shared.iterdir())
+    private = tmp_path / "private"
+    monkeypatch.setattr(native, "_LIBS", {})
+    monkeypatch.setenv("DGEMMA_CACHE", str(private))
+    assert native.library("mt19937") is not None
+    (so,) = private.glob("mt19937-*.so")
+    assert (private.stat().st_mode & 0o777) == 0o700
+    so.chmod(0o666)  # now anyone could replace it
+    monkeypatch.setattr(native, "_LIBS", {})
+    assert native.library("mt19937") is None
 
 
 def test_native_helpers_are_optional(monkeypatch, tmp_path):

@@ -117,14 +117,16 @@ def _multinomial_rows(probs: torch.Tensor, gen: torch.Generator | None, need: to
         return None
     R, V = probs.shape
     out = torch.zeros(R, 1, dtype=torch.long)
-    fn = _native_rows()
-    if fn is not None:  # the generator advanced in C, words tempered only for the needed rows
-        sel = need.nonzero().squeeze(1)
-        x = _native_words(fn, g, need, V)
-        if sel.numel():
-            out[sel] = torch.argmax(torch.div(probs[sel], _exp_of_words(x)), dim=-1, keepdim=True)
-        return out
     per = max(1, _CHUNK // V)  # rows per chunk of words
+    fn = _native_rows() if _native_ok(g, need, R) else None
+    if fn is not None:  # the generator stepped in C; words tempered only for the needed rows
+        for r0 in range(0, R, per):
+            r1 = min(R, r0 + per)
+            x = _native_words(fn, g, need[r0:r1], V)
+            sel = need[r0:r1].nonzero().squeeze(1)
+            if sel.numel():
+                out[r0 + sel] = torch.argmax(torch.div(probs[r0 + sel], _exp_of_words(x)), dim=-1, keepdim=True)
+        return out
     words = torch.empty(min(R, per) * V, dtype=torch.int64)
     for r0 in range(0, R, per):
         r1 = min(R, r0 + per)
@@ -148,6 +150,14 @@ _LEFT, _NEXT, _WORDS = 8, 16, 24  # byte offsets of the fields used here
 _NATIVE: object = None  # None = not tried yet; False = unavailable; else the C function
 
 
+def _native_ok(g: torch.Generator, need: torch.Tensor, rows: int) -> bool:
+    """The C stepping reads and writes the generator's state outside torch's lock, so it is used only on a generator
+    of the caller's own (not the process-wide default one other threads may draw from), with a CPU bool mask of one
+    entry per row."""
+    return (g is not torch.default_generator and need.dtype == torch.bool and need.device.type == "cpu"
+            and need.numel() == rows)
+
+
 def _native_words(fn, g: torch.Generator, need: torch.Tensor, V: int) -> torch.Tensor:
     """Advance `g` over need.numel() rows of V random64() draws; the needed rows' words as int64 [n, V]
     (torch's int64 random_() values)."""
@@ -155,7 +165,7 @@ def _native_words(fn, g: torch.Generator, need: torch.Tensor, V: int) -> torch.T
     b = st.numpy()
     left = ctypes.c_int64(int(b[_LEFT:_LEFT + 4].view("int32")[0]))
     nxt = ctypes.c_int64(int(b[_NEXT:_NEXT + 8].view("uint64")[0]))
-    mask = need.to(torch.uint8).contiguous()
+    mask = need.reshape(-1).contiguous().view(torch.uint8)
     out = torch.empty(int(mask.sum()), V, dtype=torch.int64)
     fn(ctypes.c_void_p(st.data_ptr() + _WORDS), ctypes.byref(left), ctypes.byref(nxt), ctypes.c_int64(mask.numel()),
        ctypes.c_int64(V), ctypes.c_void_p(mask.data_ptr()), ctypes.c_void_p(out.data_ptr()))

@@ -3,7 +3,8 @@
 dgemma needs no compiler: everything here has a pure-PyTorch path, taken when there is no compiler, the build fails,
 the result would not match torch, or `DGEMMA_NATIVE=0`. The shared library is cached per source, compiler and
 machine in `$DGEMMA_CACHE` (default `$XDG_CACHE_HOME/dgemma` or `~/.cache/dgemma`, or a temporary directory when
-that is not writable); a build takes about half a second and happens once.
+that is not writable); a build takes about a tenth of a second and happens once. A library is loaded only from a
+directory and file owned by the user and writable by nobody else.
 
 - `mt19937`: advances torch's CPU generator over a multinomial's draws, tempering only the rows that are used
   (see `csrc/mt19937.c` and `fastrand.py`).
@@ -16,6 +17,7 @@ import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -44,6 +46,18 @@ def _cache_dirs() -> list[Path]:
     return [base / "dgemma", Path(tempfile.gettempdir()) / f"dgemma-{os.getuid() if hasattr(os, 'getuid') else 0}"]
 
 
+def _private(path: Path, want_dir: bool) -> bool:
+    """Is `path` a real directory (or regular file) owned by us and writable by nobody else? A library is only
+    loaded from such places: another local user must not be able to plant one (e.g. in the temp fallback)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    kind_ok = stat.S_ISDIR(st.st_mode) if want_dir else stat.S_ISREG(st.st_mode)
+    owner_ok = not hasattr(os, "getuid") or st.st_uid == os.getuid()
+    return kind_ok and owner_ok and not (st.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+
+
 def _build(name: str) -> ctypes.CDLL | None:
     src = _SRC / f"{name}.c"
     cc = _compiler()
@@ -52,19 +66,32 @@ def _build(name: str) -> ctypes.CDLL | None:
     key = hashlib.sha256(b"\0".join([src.read_bytes(), cc.encode(), " ".join(_FLAGS).encode(),
                                      platform.machine().encode(), platform.system().encode()])).hexdigest()[:16]
     for d in _cache_dirs():
+        try:
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError:
+            continue  # not creatable here: try the next place
+        if not _private(d, want_dir=True):
+            continue
         so = d / f"{name}-{key}.so"
-        if not so.is_file():
+        if not so.exists():
+            tmp = None
             try:
-                d.mkdir(parents=True, exist_ok=True)
                 fd, tmp = tempfile.mkstemp(suffix=".so", dir=d)
                 os.close(fd)
                 r = subprocess.run([cc, *_FLAGS, str(src), "-o", tmp], capture_output=True, timeout=120)
                 if r.returncode != 0:
-                    os.unlink(tmp)
                     return None  # the compiler refused the source: no point trying elsewhere
                 os.replace(tmp, so)  # atomic: a concurrent build of the same key is harmless
+                tmp = None
+            except subprocess.TimeoutExpired:
+                return None  # a stuck compiler: do not wait for it again elsewhere
             except (OSError, subprocess.SubprocessError):
                 continue  # this directory is not writable (or the compiler vanished): try the next one
+            finally:
+                if tmp is not None and os.path.exists(tmp):
+                    os.unlink(tmp)
+        if not _private(so, want_dir=False):
+            continue
         try:
             return ctypes.CDLL(str(so))
         except OSError:

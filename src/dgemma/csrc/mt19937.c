@@ -22,7 +22,8 @@ static inline uint32_t twist(uint32_t u, uint32_t v) {
 }
 
 /* at::mt19937::next_state: every word is replaced in order; word i reads words i+1 and i+M (mod N), the latter
- * already replaced once i+M >= N. Written as three loops without carried dependencies so they vectorise. */
+ * already replaced once i+M >= N. Three plain loops: the first has no carried dependency, the second reads words
+ * replaced 227 iterations earlier, a distance the compiler's vectoriser can take. */
 static void next_state(uint32_t *s) {
     int i;
     for (i = 0; i < N - M; i++) s[i] = s[i + M] ^ twist(s[i], s[i + 1]);

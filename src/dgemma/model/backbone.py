@@ -62,8 +62,8 @@ class Backbone(nn.Module):
         self._types = sorted(set(cfg.layer_types))  # a fixed order of the layer types
         self._type_index = [self._types.index(t) for t in cfg.layer_types]
         self._traced: dict = {}  # TorchScript traces of denoise_body (model/traced.py)
-        self._scale_cache: dict[torch.dtype, torch.Tensor] = {}
-        self._canvas_rope: dict[tuple, list[torch.Tensor]] = {}  # (start, length, device, dtype) -> cos/sin list
+        self._scale_cache: dict[tuple, torch.Tensor] = {}
+        self._canvas_rope: dict[tuple, list[torch.Tensor]] = {}  # (start, length, device, dtype, mode) -> cos/sin
 
     def __getstate__(self) -> dict:
         """Pickling and deepcopy leave the traces behind (a copy traces its own weights when it runs)."""
@@ -82,9 +82,10 @@ class Backbone(nn.Module):
     def embed_scale(self) -> torch.Tensor:
         """√H as an fp32 scalar cast to the model dtype (53.0 in bf16 for H=2816, spec §1.3). Made once per dtype,
         so a traced pass holds it as a constant instead of recording a tensor construction."""
-        c = self._scale_cache.get(self.dtype)
+        key = (self.dtype, torch.is_inference_mode_enabled())  # an inference tensor cannot be saved for backward
+        c = self._scale_cache.get(key)
         if c is None:
-            c = self._scale_cache[self.dtype] = torch.tensor(math.sqrt(self.cfg.hidden_size),
+            c = self._scale_cache[key] = torch.tensor(math.sqrt(self.cfg.hidden_size),
                                                              dtype=torch.float32).to(self.dtype)
         return c
 
@@ -157,12 +158,13 @@ class Backbone(nn.Module):
         B, L = canvas.shape
         P = cache.length
         dev = canvas.device
-        rope = self._canvas_rope.get((P, L, dev, self.dtype))
+        rkey = (P, L, dev, self.dtype, torch.is_inference_mode_enabled())  # inference tensors stay in their mode
+        rope = self._canvas_rope.get(rkey)
         if rope is None:  # the same positions for every step of a canvas: computed once
             if len(self._canvas_rope) >= 64:
                 self._canvas_rope.clear()
             cos_sin = self._rope(torch.arange(P, P + L, device=dev))
-            rope = self._canvas_rope[(P, L, dev, self.dtype)] = [x for t in self._types for x in cos_sin[t]]
+            rope = self._canvas_rope[rkey] = [x for t in self._types for x in cos_sin[t]]
         masks: list[torch.Tensor | None] = []
         for t in self._types:
             lo = cache.start(self.cfg.layer_types.index(t), P)
@@ -211,9 +213,8 @@ class Backbone(nn.Module):
 
 
 def _head_feature_major(h: torch.Tensor, weight: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    """`logits` for fp32 inference with the product taken as W·hᵀ ([V, N], see `layers.feature_major_products`).
-    The softcap's division reads it transposed and writes the usual [.., V] layout (a division is exact whatever
-    the order), then tanh and the multiplication run in place on that layout, as in `logits`."""
+    """`logits` for fp32 inference with the product taken as W·hᵀ ([V, N], see `layers.feature_major_products`),
+    copied into the usual [.., V] layout; the softcap then runs in place on it exactly as in `logits`."""
     shape = h.shape[:-1]
     prod_t = torch.mm(weight, h.reshape(-1, h.shape[-1]).t())  # [V, N]
     view = prod_t.t().view(shape + (weight.shape[0],))

@@ -100,7 +100,8 @@ def run_denoise(bb: "Backbone", canvas: torch.Tensor, sc: torch.Tensor | None, s
     if not _usable(bb, canvas):
         return bb.denoise_body(canvas, sc, sc_mask, rope, masks, kv)
     has_mask = tuple(m is not None for m in masks)
-    key = (sc is not None, sc_mask is not None, has_mask, tuple(canvas.shape), bb.dtype)
+    # the thread count is part of the key: MKL's GEMM bits depend on it, and a trace was checked under one count
+    key = (sc is not None, sc_mask is not None, has_mask, tuple(canvas.shape), bb.dtype, torch.get_num_threads())
     ident = _weights_identity(bb)
     if getattr(bb, "_traced_ident", None) != ident:
         bb._traced.clear()
@@ -147,7 +148,9 @@ def _make(bb: "Backbone", key: tuple, args: tuple, eager_args: tuple):
                 raise RuntimeError(f"the tracer froze an input-dependent value: {frozen[0]}")
             with torch.jit.optimized_execution(False):
                 got = fn(*args)
-        except Exception as e:  # any tracer limitation: eager for this signature
+        except Exception as e:  # any tracer limitation: the usual orientation, then eager for this signature
+            if weight_first:
+                continue
             warnings.warn(f"dgemma: tracing the decoder pass failed ({type(e).__name__}: {e}); running it eagerly",
                           RuntimeWarning, stacklevel=3)
             return False, want
