@@ -508,6 +508,8 @@ def test_native_rows_match_torch_random_and_state():
 
 def test_native_library_only_from_private_places(monkeypatch, tmp_path):
     """A directory or library another user could write to is never loaded from (the temp fallback is shared)."""
+    import os
+
     from dgemma import native
 
     if native._compiler() is None:
@@ -515,9 +517,20 @@ def test_native_library_only_from_private_places(monkeypatch, tmp_path):
     shared = tmp_path / "shared"
     shared.mkdir()
     shared.chmod(0o777)
+    monkeypatch.setattr(native, "_tighten", lambda d: None)  # as if it were another user's directory
     monkeypatch.setattr(native, "_LIBS", {})
     monkeypatch.setenv("DGEMMA_CACHE", str(shared))
     assert native.library("mt19937") is None and not list(shared.iterdir())
+    monkeypatch.undo()
+    # our own directory made under a umask of 002: tightened, and the library is built and loaded
+    old = os.umask(0o002)
+    try:
+        monkeypatch.setattr(native, "_LIBS", {})
+        monkeypatch.setenv("DGEMMA_CACHE", str(tmp_path / "grp"))
+        assert native.library("mt19937") is not None
+    finally:
+        os.umask(old)
+    assert ((tmp_path / "grp").stat().st_mode & 0o022) == 0
     private = tmp_path / "private"
     monkeypatch.setattr(native, "_LIBS", {})
     monkeypatch.setenv("DGEMMA_CACHE", str(private))

@@ -58,6 +58,14 @@ def _private(path: Path, want_dir: bool) -> bool:
     return kind_ok and owner_ok and not (st.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
 
 
+def _tighten(d: Path) -> None:
+    """Drop group/other write permission from a cache directory of ours (a umask of 002 creates it so)."""
+    st = os.lstat(d)
+    if stat.S_ISDIR(st.st_mode) and (not hasattr(os, "getuid") or st.st_uid == os.getuid()) \
+            and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        os.chmod(d, stat.S_IMODE(st.st_mode) & ~(stat.S_IWGRP | stat.S_IWOTH))
+
+
 def _build(name: str) -> ctypes.CDLL | None:
     src = _SRC / f"{name}.c"
     cc = _compiler()
@@ -68,6 +76,7 @@ def _build(name: str) -> ctypes.CDLL | None:
     for d in _cache_dirs():
         try:
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _tighten(d)
         except OSError:
             continue  # not creatable here: try the next place
         if not _private(d, want_dir=True):
@@ -81,6 +90,7 @@ def _build(name: str) -> ctypes.CDLL | None:
                 r = subprocess.run([cc, *_FLAGS, str(src), "-o", tmp], capture_output=True, timeout=120)
                 if r.returncode != 0:
                     return None  # the compiler refused the source: no point trying elsewhere
+                os.chmod(tmp, 0o755)  # the linker's mode follows the umask, which may let the group write
                 os.replace(tmp, so)  # atomic: a concurrent build of the same key is harmless
                 tmp = None
             except subprocess.TimeoutExpired:
