@@ -196,7 +196,7 @@ def test_weight_first_head_only_where_it_gives_the_same_bits(model, monkeypatch)
     assert "aten::mm(" in str(fn.inlined_graph)  # the weight-first head product is in the graph
 
     real = backbone._head_feature_major
-    monkeypatch.setattr(backbone, "_head_feature_major", lambda h, w, cap: real(h, w, cap) * (1 + 1e-6))
+    monkeypatch.setattr(backbone, "_head_feature_major", lambda h, w: real(h, w) * (1 + 1e-6))
     bb._traced.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # falling back to the usual orientation is silent

@@ -118,24 +118,17 @@ def _multinomial_rows(probs: torch.Tensor, gen: torch.Generator | None, need: to
     R, V = probs.shape
     out = torch.zeros(R, 1, dtype=torch.long)
     per = max(1, _CHUNK // V)  # rows per chunk of words
-    fn = _native_rows() if _native_ok(g, need, R) else None
-    if fn is not None:  # the generator stepped in C; words tempered only for the needed rows
-        for r0 in range(0, R, per):
-            r1 = min(R, r0 + per)
-            x = _native_words(fn, g, need[r0:r1], V)
-            sel = need[r0:r1].nonzero().squeeze(1)
-            if sel.numel():
-                out[r0 + sel] = torch.argmax(torch.div(probs[r0 + sel], _exp_of_words(x)), dim=-1, keepdim=True)
-        return out
-    words = torch.empty(min(R, per) * V, dtype=torch.int64)
+    fn = _native_rows() if _native_ok(g, need, R) else None  # the generator stepped in C (below)
+    words = None if fn is not None else torch.empty(min(R, per) * V, dtype=torch.int64)
     for r0 in range(0, R, per):
         r1 = min(R, r0 + per)
-        x = words[:(r1 - r0) * V].random_(generator=g).view(r1 - r0, V)  # every row's words, in stream order
         sel = need[r0:r1].nonzero().squeeze(1)
-        if sel.numel() == 0:
-            continue
-        q = _exp_of_words(x[sel])  # the same float32 Exp(1) variates as _draw
-        out[r0 + sel] = torch.argmax(torch.div(probs[r0 + sel], q), dim=-1, keepdim=True)
+        if fn is not None:  # only the needed rows' words are tempered and returned
+            x = _native_words(fn, g, need[r0:r1], V)
+        else:  # every row's words, in stream order, then the needed rows
+            x = words[:(r1 - r0) * V].random_(generator=g).view(r1 - r0, V)[sel]
+        if sel.numel():  # the same float32 Exp(1) variates as _draw
+            out[r0 + sel] = torch.argmax(torch.div(probs[r0 + sel], _exp_of_words(x)), dim=-1, keepdim=True)
     return out
 
 

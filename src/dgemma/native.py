@@ -33,8 +33,9 @@ _LIBS: dict[str, ctypes.CDLL | None] = {}
 
 def _compiler() -> str | None:
     for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if cc and shutil.which(cc):
-            return shutil.which(cc)
+        path = shutil.which(cc) if cc else None
+        if path:
+            return path
     return None
 
 
@@ -54,16 +55,21 @@ def _private(path: Path, want_dir: bool) -> bool:
     except OSError:
         return False
     kind_ok = stat.S_ISDIR(st.st_mode) if want_dir else stat.S_ISREG(st.st_mode)
-    owner_ok = not hasattr(os, "getuid") or st.st_uid == os.getuid()
-    return kind_ok and owner_ok and not (st.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+    return kind_ok and _ours(st) and not st.st_mode & _OTHERS_WRITE
+
+
+_OTHERS_WRITE = stat.S_IWGRP | stat.S_IWOTH
+
+
+def _ours(st: os.stat_result) -> bool:
+    return not hasattr(os, "getuid") or st.st_uid == os.getuid()
 
 
 def _tighten(d: Path) -> None:
     """Drop group/other write permission from a cache directory of ours (a umask of 002 creates it so)."""
     st = os.lstat(d)
-    if stat.S_ISDIR(st.st_mode) and (not hasattr(os, "getuid") or st.st_uid == os.getuid()) \
-            and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        os.chmod(d, stat.S_IMODE(st.st_mode) & ~(stat.S_IWGRP | stat.S_IWOTH))
+    if stat.S_ISDIR(st.st_mode) and _ours(st) and st.st_mode & _OTHERS_WRITE:
+        os.chmod(d, stat.S_IMODE(st.st_mode) & ~_OTHERS_WRITE)
 
 
 def _build(name: str) -> ctypes.CDLL | None:

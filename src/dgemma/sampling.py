@@ -39,10 +39,8 @@ def entropy(z: torch.Tensor) -> torch.Tensor:
     product is NaN; so on the CPU it is applied only when a row came out NaN (the same bits, one pass fewer)."""
     logp = z - logsumexp(z)
     p = torch.softmax(logp, dim=-1)
-    if z.device.type != "cpu":  # no host sync on accelerators
-        return -(torch.clamp(logp, min=torch.finfo(z.dtype).min) * p).sum(-1)
-    h = -(logp * p).sum(-1)
-    if bool(h.isnan().any()):
+    h = -(logp * p).sum(-1) if z.device.type == "cpu" else None  # no host sync on accelerators: always clamp
+    if h is None or bool(h.isnan().any()):
         h = -(torch.clamp(logp, min=torch.finfo(z.dtype).min) * p).sum(-1)
     return h
 

@@ -86,7 +86,7 @@ class Backbone(nn.Module):
         c = self._scale_cache.get(key)
         if c is None:
             c = self._scale_cache[key] = torch.tensor(math.sqrt(self.cfg.hidden_size),
-                                                             dtype=torch.float32).to(self.dtype)
+                                                      dtype=torch.float32).to(self.dtype)
         return c
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -197,8 +197,9 @@ class Backbone(nn.Module):
         """Final norm, tied head on the raw embedding, fp32, softcap (spec §2.9)."""
         h = self.norm(x)
         if feature_major() and h.dtype == torch.float32 and not h.requires_grad:
-            return _head_feature_major(h, self.embed_tokens.weight, self.softcap)
-        out = F.linear(h, self.embed_tokens.weight).float()
+            out = _head_feature_major(h, self.embed_tokens.weight)
+        else:
+            out = F.linear(h, self.embed_tokens.weight).float()
         if self.softcap:
             if out.requires_grad:  # training: autograd needs tanh's output intact
                 out = torch.tanh(out / self.softcap) * self.softcap
@@ -210,13 +211,9 @@ class Backbone(nn.Module):
         return KVCache(self.cfg, batch, capacity, self.dtype, self.device)
 
 
-
-
-def _head_feature_major(h: torch.Tensor, weight: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    """`logits` for fp32 inference with the product taken as W·hᵀ ([V, N], see `layers.feature_major_products`),
-    copied into the usual [.., V] layout; the softcap then runs in place on it exactly as in `logits`."""
-    shape = h.shape[:-1]
+def _head_feature_major(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The fp32 head product `F.linear(h, weight)` taken as W·hᵀ ([V, N], see `layers.feature_major_products`) and
+    copied into the usual contiguous [.., V] layout, on which `logits` then applies the softcap."""
     prod_t = torch.mm(weight, h.reshape(-1, h.shape[-1]).t())  # [V, N]
-    view = prod_t.t().view(shape + (weight.shape[0],))
-    out = torch.empty(view.shape, dtype=torch.float32, device=h.device).copy_(view)
-    return out.div_(softcap).tanh_().mul_(softcap) if softcap else out
+    view = prod_t.t().view(h.shape[:-1] + (weight.shape[0],))
+    return torch.empty(view.shape, dtype=torch.float32, device=h.device).copy_(view)
