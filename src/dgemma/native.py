@@ -8,6 +8,8 @@ directory and file owned by the user and writable by nobody else.
 
 - `mt19937`: advances torch's CPU generator over a multinomial's draws, tempering only the rows that are used
   (see `csrc/mt19937.c` and `fastrand.py`).
+- `moe`: the experts of a MoE layer spread over OpenMP threads, calling torch's own MKL and SLEEF (AVX2 only; see
+  `csrc/moe.c` and `model/moe_native.py`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ from pathlib import Path
 ENABLED = os.environ.get("DGEMMA_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
 _SRC = Path(__file__).parent / "csrc"
 _FLAGS = ["-O3", "-shared", "-fPIC", "-std=c99"]  # portable code: no -march=native, so a cache may be shared
+# per-source extras: moe.c is AVX2 code (used only where torch itself runs its AVX2 kernels), with no contraction of
+# products and sums beyond the fused ones it writes out, and OpenMP (torch's own runtime, already loaded)
+_EXTRA = {"moe": ["-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"]}
 _LOCK = threading.Lock()
 _LIBS: dict[str, ctypes.CDLL | None] = {}
 
@@ -77,7 +82,8 @@ def _build(name: str) -> ctypes.CDLL | None:
     cc = _compiler()
     if cc is None or not src.is_file() or sys.platform == "win32":
         return None
-    key = hashlib.sha256(b"\0".join([src.read_bytes(), cc.encode(), " ".join(_FLAGS).encode(),
+    flags = _FLAGS + _EXTRA.get(name, [])
+    key = hashlib.sha256(b"\0".join([src.read_bytes(), cc.encode(), " ".join(flags).encode(),
                                      platform.machine().encode(), platform.system().encode()])).hexdigest()[:16]
     for d in _cache_dirs():
         try:
@@ -93,7 +99,7 @@ def _build(name: str) -> ctypes.CDLL | None:
             try:
                 fd, tmp = tempfile.mkstemp(suffix=".so", dir=d)
                 os.close(fd)
-                r = subprocess.run([cc, *_FLAGS, str(src), "-o", tmp], capture_output=True, timeout=120)
+                r = subprocess.run([cc, *flags, str(src), "-o", tmp], capture_output=True, timeout=120)
                 if r.returncode != 0:
                     return None  # the compiler refused the source: no point trying elsewhere
                 os.chmod(tmp, 0o755)  # the linker's mode follows the umask, which may let the group write

@@ -39,6 +39,8 @@ def rms_norm_noscale(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 class _Layout(threading.local):
     feature_major = False
+    native_experts = False
+    tokens: int | None = None  # the pass's token count while tracing (a traced tensor's sizes are tensors)
 
 
 _LAYOUT = _Layout()
@@ -60,6 +62,20 @@ def feature_major_products():
 
 def feature_major() -> bool:
     return _LAYOUT.feature_major
+
+
+@contextmanager
+def native_experts(tokens: int | None = None):
+    """While active (in this thread), inference MoE experts on the CPU run as `torch.ops.dgemma.moe_experts`
+    (model/moe_native.py) where it is usable: the experts spread over threads, with torch's bits. Like
+    `feature_major_products`, only the CPU trace uses it, and keeps a trace only if it gives the eager pass's logits.
+    tokens: the tokens per pass, for a pass being traced (whose sizes the tracer hands out as tensors)."""
+    old = _LAYOUT.native_experts, _LAYOUT.tokens
+    _LAYOUT.native_experts, _LAYOUT.tokens = True, tokens
+    try:
+        yield
+    finally:
+        _LAYOUT.native_experts, _LAYOUT.tokens = old
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -216,11 +232,23 @@ class Experts(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         E, H, Ie = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
-        self.num_experts = E
+        self.num_experts, self.hidden, self.inter, self.top_k = E, H, Ie, cfg.top_k_experts
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * Ie, H))
         self.down_proj = nn.Parameter(torch.empty(E, H, Ie))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        if _LAYOUT.native_experts:
+            from . import moe_native
+
+            T = _LAYOUT.tokens if _LAYOUT.tokens is not None else x.shape[0]
+            if moe_native.usable(x, T, self.top_k, self.num_experts, self.hidden, self.inter):
+                sorted_ids, perm = torch.sort(idx.reshape(-1))
+                counts = torch.bincount(sorted_ids, minlength=self.num_experts)
+                return torch.ops.dgemma.moe_experts(x, perm, counts, weights, self.gate_up_proj,
+                                                    self.down_proj).to(x.dtype)
+        return self.torch_forward(x, weights, idx)
+
+    def torch_forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         T, K = idx.shape
         flat = idx.reshape(-1)
         sorted_ids, perm = torch.sort(flat)
@@ -286,5 +314,5 @@ def init_weights(module: nn.Module, std: float = 0.02, generator: torch.Generato
                 b.fill_(1.0)
 
 
-__all__ = ["feature_major_products", "feature_major", "RMSNorm", "MLP", "Attention", "Router", "Experts", "Layer", "rope_inv_freq", "rope_cos_sin",
+__all__ = ["feature_major_products", "feature_major", "native_experts", "RMSNorm", "MLP", "Attention", "Router", "Experts", "Layer", "rope_inv_freq", "rope_cos_sin",
            "apply_rope", "rms_norm_noscale", "gelu_tanh", "init_weights"]

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import feature_major_products
+from .layers import feature_major_products, native_experts
 
 if TYPE_CHECKING:
     from .backbone import Backbone
@@ -129,17 +129,26 @@ def run_denoise(bb: "Backbone", canvas: torch.Tensor, sc: torch.Tensor | None, s
 def _make(bb: "Backbone", key: tuple, args: tuple, eager_args: tuple):
     """Trace one signature and check it against eager on the same inputs. Returns (trace or False, logits).
 
-    The trace is first made with the weight-first matrix products (`layers.feature_major_products`); if its logits
-    are not the eager pass's bits on this machine's BLAS, it is made again in the eager orientation."""
+    Two exact speed-ups are tried first, each a property of this machine's libraries rather than a guarantee: the
+    head's product weight-first (`layers.feature_major_products`) and the experts in native code
+    (`layers.native_experts`, model/moe_native.py). A trace is kept only if its logits are the eager pass's bits;
+    otherwise the next variant is traced, down to the plain one."""
     want = bb.denoise_body(*eager_args)
     if not _grouped_mm_fused(bb):
         return False, want  # the experts would run a Python loop over this input's routing: not traceable
     body = _Body(bb, key[0], key[1], key[2], len(eager_args[3]), len(eager_args[5]))
-    for weight_first in (True, False):
+    variants = ((True, True), (True, False), (False, False))  # (weight-first head, native experts)
+    for i, (weight_first, native) in enumerate(variants):
+        last = i == len(variants) - 1
         try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                with feature_major_products() if weight_first else contextlib.nullcontext():
+            with contextlib.ExitStack() as ctx:
+                if weight_first:
+                    ctx.enter_context(feature_major_products())
+                if native:
+                    ctx.enter_context(native_experts(eager_args[0].numel()))
+                    bb.denoise_body(*eager_args)  # runs the native experts' checks outside the tracer
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
                     fn = torch.jit.trace(body, args, check_trace=False)
             # A TracerWarning means a value of this input was frozen into the graph (e.g. a tensor read as a Python
             # number): such a trace would be wrong for other inputs. (torch's deprecation notice is not a problem.)
@@ -148,8 +157,8 @@ def _make(bb: "Backbone", key: tuple, args: tuple, eager_args: tuple):
                 raise RuntimeError(f"the tracer froze an input-dependent value: {frozen[0]}")
             with torch.jit.optimized_execution(False):
                 got = fn(*args)
-        except Exception as e:  # any tracer limitation: the usual orientation, then eager for this signature
-            if weight_first:
+        except Exception as e:  # any tracer limitation: the next variant, then eager for this signature
+            if not last:
                 continue
             warnings.warn(f"dgemma: tracing the decoder pass failed ({type(e).__name__}: {e}); running it eagerly",
                           RuntimeWarning, stacklevel=3)

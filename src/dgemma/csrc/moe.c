@@ -1,0 +1,139 @@
+/* The experts of one MoE layer on the CPU, fp32, with the same bits as dgemma's torch path (model/layers.py,
+ * Experts.forward) and so as the reference's grouped_mm experts.
+ *
+ * torch runs the experts one after another: for each expert a GEMM over its rows (gate and up projections), the
+ * tanh-approximated GELU of the gate times the up half, a second GEMM (down projection), then the routing weight,
+ * a scatter back to token order and a sum over each token's top-k slots. Those per-expert GEMMs have 8-30 rows,
+ * too few for MKL to use two threads well, and the ~20 ATen calls around them cost more than their arithmetic.
+ * Here the experts are spread over OpenMP threads, each calling the same MKL `sgemm_` torch calls (its address is
+ * handed in from torch's own library, so it is the same code) single-threaded, with everything between the two
+ * GEMMs fused into one pass over the rows.
+ *
+ * Exactness rests on three facts, each checked at run time by dgemma/model/moe_native.py before this is used:
+ *  - an expert's GEMM gives MKL's bits for its row count whether MKL runs it on one thread or on several. This
+ *    holds for most row counts but not all (MKL splits some small ones differently across threads), so the caller
+ *    passes a per-row-count table, probed once per shape, and experts whose count is not safe run after the
+ *    parallel part on the calling thread, where MKL uses the same threads torch's call would;
+ *  - the GELU is ATen's vectorised AVX2 formula, op for op: x³ as (x·x)·x, β·(κ·x³ + x) with the inner product
+ *    and sum fused (the compiler contracts ATen's vector code so), 0.5·x·(1 + tanh(·)), with SLEEF's 8-wide
+ *    tanh from torch's own library; rows of `inter` elements with inter % 16 == 0, so ATen's loop never takes its
+ *    scalar tail (the caller checks);
+ *  - the weighting is one fp32 product and the slot sum accumulates from 0 in slot order, as ATen's reduction over
+ *    a middle dimension does.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+#include <omp.h>
+
+typedef void (*sgemm_fn)(const char *, const char *, const int *, const int *, const int *, const float *,
+                         const float *, const int *, const float *, const int *, const float *, float *, const int *);
+typedef __m256 (*tanh8_fn)(__m256);
+
+static sgemm_fn g_sgemm;
+static tanh8_fn g_tanh8;
+
+void dg_moe_bind(void *sgemm, void *tanh8) {
+    g_sgemm = (sgemm_fn)sgemm;
+    g_tanh8 = (tanh8_fn)tanh8;
+}
+
+/* C[n, N] = X[n, K] · W[N, K]ᵀ, all row-major: the call torch's mm makes for x @ wᵀ (column-major Cᵀ = Wᵀᵀ·Xᵀ). */
+static void linear(const float *X, int n, int K, const float *W, int N, float *C) {
+    const char t = 'T', nt = 'N';
+    const float one = 1.0f, zero = 0.0f;
+    g_sgemm(&t, &nt, &N, &n, &K, &one, W, &K, X, &K, &zero, C, &N);
+}
+
+/* out[i] = gelu_tanh(g[i]) · u[i], i < n, n % 8 == 0 */
+static void gelu_mul(const float *g, const float *u, float *out, int n) {
+    const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
+    const __m256 beta = _mm256_set1_ps((float)(1.41421356237309504880 * 1.12837916709551257390 * 0.5));
+    const __m256 kappa = _mm256_set1_ps((float)0.044715);
+    for (int i = 0; i < n; i += 8) {
+        __m256 x = _mm256_loadu_ps(g + i);
+        __m256 x3 = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
+        __m256 inner = _mm256_mul_ps(beta, _mm256_fmadd_ps(kappa, x3, x));
+        __m256 y = _mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_add_ps(one, g_tanh8(inner)));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(y, _mm256_loadu_ps(u + i)));
+    }
+}
+
+/* One expert over its rows [r0, r0 + n) of the sorted slot order. ws: this expert's scratch, n·(H + 3·I) floats. */
+static void expert(int e, int64_t r0, int n, const float *x, int H, int K, const int64_t *perm, const float *wts,
+                   const float *gate_up, const float *down, int I, float *ws, float *slots) {
+    float *xs = ws, *u = ws + (int64_t)n * H, *a = u + (int64_t)n * 2 * I;
+    for (int r = 0; r < n; r++)
+        memcpy(xs + (int64_t)r * H, x + (perm[r0 + r] / K) * H, sizeof(float) * (size_t)H);
+    linear(xs, n, H, gate_up + (int64_t)e * 2 * I * H, 2 * I, u);
+    for (int r = 0; r < n; r++)
+        gelu_mul(u + (int64_t)r * 2 * I, u + (int64_t)r * 2 * I + I, a + (int64_t)r * I, I);
+    float *y = xs; /* the gathered rows are no longer needed */
+    linear(a, n, I, down + (int64_t)e * H * I, H, y);
+    for (int r = 0; r < n; r++) {
+        int64_t slot = perm[r0 + r];
+        const float w = wts[slot];
+        const float *src = y + (int64_t)r * H;
+        float *dst = slots + slot * H;
+        for (int h = 0; h < H; h++) dst[h] = src[h] * w;
+    }
+}
+
+/* x [T, H]; perm [T·K]: slot ids sorted by expert (torch.sort of the flat top-k indices); counts [E]; wts [T·K]
+ * routing weights by slot; gate_up [E, 2I, H]; down [E, H, I]; safe [T·K + 1]: may an expert with that many rows
+ * run on a worker thread; out [T, H]; ws: T·K·(2H + 3I) floats. Returns 0, or -1 for an unsupported shape. */
+int dg_moe(const float *x, int T, int H, int K, const int64_t *perm, const int64_t *counts, int E, const float *wts,
+           const float *gate_up, const float *down, int I, const unsigned char *safe, float *out, float *ws,
+           int nthreads) {
+    enum { MAX_E = 1024 };
+    int64_t start[MAX_E];
+    if (E > MAX_E || I % 8 || g_sgemm == 0 || g_tanh8 == 0) return -1;
+    const int64_t S = (int64_t)T * K;
+    float *slots = ws; /* [S, H]: each slot's weighted output */
+    float *scratch = ws + S * H;
+    int64_t s = 0;
+    for (int e = 0; e < E; e++) {
+        start[e] = s;
+        s += counts[e];
+    }
+    if (s != S) return -1;
+    /* experts whose row count gives the same bits on one thread: spread over the threads, largest first taken by
+     * whichever thread is free (dynamic schedule over a fixed order; the bits do not depend on who runs what) */
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+    for (int e = 0; e < E; e++) {
+        int n = (int)counts[e];
+        if (n && safe[n])
+            expert(e, start[e], n, x, H, K, perm, wts, gate_up, down, I, scratch + start[e] * (H + 3 * I), slots);
+    }
+    for (int e = 0; e < E; e++) { /* the rest on this thread, with MKL's own threading as torch would run it */
+        int n = (int)counts[e];
+        if (n && !safe[n])
+            expert(e, start[e], n, x, H, K, perm, wts, gate_up, down, I, scratch + start[e] * (H + 3 * I), slots);
+    }
+    for (int t = 0; t < T; t++) {
+        float *o = out + (int64_t)t * H;
+        const float *y = slots + (int64_t)t * K * H;
+        for (int h = 0; h < H; h++) {
+            float acc = 0.0f;
+            for (int k = 0; k < K; k++) acc += y[(int64_t)k * H + h];
+            o[h] = acc;
+        }
+    }
+    return 0;
+}
+
+/* One GEMM as dg_moe's workers run it (inside a parallel region of nthreads, on one of them) or, with
+ * nthreads == 0, as its calling thread does: for probing which row counts are safe. */
+void dg_linear(const float *X, int n, int K, const float *W, int N, float *C, int nthreads) {
+    if (nthreads <= 0) {
+        linear(X, n, K, W, N, C);
+        return;
+    }
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp single
+        linear(X, n, K, W, N, C);
+    }
+}
+
+void dg_gelu_mul(const float *g, const float *u, float *out, int n) { gelu_mul(g, u, out, n); }

@@ -1,0 +1,176 @@
+"""The experts of a MoE layer in native code on the CPU, with torch's bits (`csrc/moe.c`).
+
+On a 2-core CPU a `small` layer's experts took ~0.8 ms through torch: sixteen MKL GEMMs of 8-30 rows, each run
+with MKL's two threads but too small to use them, and ~20 ATen calls around them. `dgemma::moe_experts` does the
+same arithmetic with the experts spread over OpenMP threads (each GEMM single-threaded, through the same MKL
+`sgemm_` torch calls) and the GELU, product, routing weight and slot sum fused: ~0.45 ms.
+
+It is an operator (`torch.ops.dgemma.moe_experts`) so that a TorchScript trace of the decoder pass can hold it, and
+it is only used there: `Experts.forward` takes it while `layers.native_experts()` is active, which only
+`model/traced.py` does, and a trace is kept only if its logits equal the eager pass's bit for bit. Before that:
+
+- the library must build and find torch's `sgemm_` and SLEEF `tanh` (torch's own, so the same code), and torch must
+  be running its AVX2 kernels (the GELU here is ATen's AVX2 formula);
+- a self-check per expert shape compares the operator with the torch path on random routings;
+- MKL gives some small row counts different bits on one thread than on several (it splits them differently), so
+  each row count is probed once per shape and thread count against `torch.mm`; experts with a count that differs
+  run on the calling thread after the others, where MKL threads as torch's call would.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+
+import torch
+
+from .. import native
+
+_LOCK = threading.Lock()
+_STATE: dict = {}  # "fn": the bound C function or None; "checked": {shape: bool}; "safe": {key: bytearray}
+_GRAIN = 32768  # ATen's parallel grain size: larger elementwise ops are split over threads
+
+
+def _bind():
+    """The C entry point with torch's sgemm_ and SLEEF tanh bound into it, or None."""
+    if "fn" in _STATE:
+        return _STATE["fn"]
+    fn = None
+    try:
+        if torch.backends.cpu.get_cpu_capability() == "AVX2":
+            lib = native.library("moe")
+            if lib is not None:
+                tl = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+                sgemm, tanh8 = getattr(tl, "sgemm_", None), getattr(tl, "Sleef_tanhf8_u10", None)
+                if sgemm is not None and tanh8 is not None:
+                    addr = ctypes.cast
+                    lib.dg_moe_bind(addr(sgemm, ctypes.c_void_p), addr(tanh8, ctypes.c_void_p))
+                    lib.dg_moe.restype = ctypes.c_int
+                    fn = lib
+    except (OSError, AttributeError, RuntimeError):
+        fn = None
+    _STATE["fn"] = fn
+    _STATE.setdefault("checked", {})
+    _STATE.setdefault("safe", {})
+    return fn
+
+
+def _p(t: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def _safe_table(lib, H: int, I: int, upto: int) -> bytearray:
+    """safe[n]: does an expert GEMM pair over n rows give torch.mm's bits on one thread inside a parallel region?"""
+    nt = torch.get_num_threads()
+    key = (H, I, nt)
+    table = _STATE["safe"].get(key)
+    if table is None:
+        table = _STATE["safe"][key] = bytearray()
+    if len(table) <= upto:
+        g = torch.Generator().manual_seed(len(table))
+        for n in range(len(table), upto + 1):
+            ok = nt > 1 and n > 0
+            for K, N in ((H, 2 * I), (I, H)):
+                if not ok:
+                    break
+                x = torch.randn(n, K, generator=g)
+                w = torch.randn(N, K, generator=g) * 0.05
+                out = torch.empty(n, N)
+                lib.dg_linear(_p(x), n, K, _p(w), N, _p(out), nt)
+                ok = torch.equal(out, torch.mm(x, w.t()))
+            table.append(1 if ok else 0)
+    return table
+
+
+def _aligned_gelu(S: int, I: int) -> bool:
+    """Does ATen's GELU over the [S, I] gate take its vector path for every element? Rows of I % 16 == 0 elements,
+    and where the op is split over threads, every split falls on a row boundary."""
+    if I % 16:
+        return False
+    n = S * I
+    nt = torch.get_num_threads()
+    if n < _GRAIN or nt == 1:
+        return True
+    nt = min(nt, -(-n // _GRAIN))
+    return (-(-n // nt)) % I == 0
+
+
+def _run(lib, x, perm, counts, weights, gate_up, down) -> torch.Tensor:
+    T, H = x.shape
+    E, I2, _ = gate_up.shape
+    I = I2 // 2
+    K = weights.shape[-1]
+    S = T * K
+    safe = _safe_table(lib, H, I, S)
+    out = torch.empty(T, H, dtype=torch.float32)
+    ws = torch.empty(S * (2 * H + 3 * I), dtype=torch.float32)
+    buf = (ctypes.c_ubyte * len(safe)).from_buffer(safe)
+    r = lib.dg_moe(_p(x), T, H, K, _p(perm), _p(counts), E, _p(weights), _p(gate_up), _p(down), I, buf, _p(out),
+                   _p(ws), torch.get_num_threads())
+    if r != 0:
+        raise RuntimeError("dgemma: native experts refused this shape")
+    return out
+
+
+def _impl(x, perm, counts, weights, gate_up, down):
+    lib = _bind()
+    if lib is None or not all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (x, weights, gate_up, down)):
+        raise RuntimeError("dgemma::moe_experts takes CPU float32 tensors and needs the native library")
+    return _run(lib, x.contiguous(), perm.contiguous(), counts.contiguous(), weights.contiguous(),
+                gate_up.contiguous(), down.contiguous())
+
+
+_LIB = torch.library.Library("dgemma", "DEF")
+_LIB.define("moe_experts(Tensor x, Tensor perm, Tensor counts, Tensor weights, Tensor gate_up, Tensor down) -> Tensor")
+_LIB.impl("moe_experts", _impl, "CPU")
+
+
+def usable(x: torch.Tensor, T: int, K: int, E: int, H: int, I: int) -> bool:
+    """Can `moe_experts` stand in for the torch path for x [T, H] routed to K of E experts of inter size I (and has
+    it been checked for this shape)? The sizes come as ints: while tracing, a tensor's own sizes are tensors."""
+    if not (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and not torch.is_grad_enabled()):
+        return False
+    if not _aligned_gelu(T * K, I):
+        return False
+    key = (E, I, H, K, torch.get_num_threads())
+    ok = _STATE.get("checked", {}).get(key)
+    if ok is None:
+        if torch._C._get_tracing_state() is not None:
+            return False  # a check now would be recorded into the trace: warm up eagerly first (model/traced.py)
+        with _LOCK:
+            ok = _bind() is not None and _self_check(E, I, H, K)
+            _STATE["checked"][key] = ok
+    return ok
+
+
+def _self_check(E: int, I: int, H: int, K: int) -> bool:
+    """The operator against the torch path on random weights and routings (a few token counts, skewed and even)."""
+    from .layers import Experts
+
+    class _Cfg:
+        num_experts, hidden_size, moe_intermediate_size, top_k_experts = E, H, I, K
+
+    ex = Experts(_Cfg)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        ex.gate_up_proj.copy_(torch.randn(ex.gate_up_proj.shape, generator=g) * 0.05)
+        ex.down_proj.copy_(torch.randn(ex.down_proj.shape, generator=g) * 0.05)
+        for T in (1, 3, 17, 64):
+            if not _aligned_gelu(T * K, I):
+                continue
+            x = torch.randn(T, H, generator=g)
+            logits = torch.randn(T, E, generator=g) * (1 + T % 3)
+            w, idx = torch.softmax(logits, -1).topk(min(K, E), dim=-1)
+            w = w / w.sum(-1, keepdim=True)
+            want = ex.torch_forward(x, w, idx)
+            flat = idx.reshape(-1)
+            sorted_ids, perm = torch.sort(flat)
+            counts = torch.bincount(sorted_ids, minlength=E)
+            try:
+                got = torch.ops.dgemma.moe_experts(x, perm, counts, w, ex.gate_up_proj, ex.down_proj)
+            except RuntimeError:
+                return False
+            if not torch.equal(got, want):
+                return False
+    return True

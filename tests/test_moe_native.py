@@ -1,0 +1,167 @@
+"""The native MoE experts (dgemma/csrc/moe.c via model/moe_native.py) give the torch path's exact bits, are used in
+the CPU trace only where they do, and step aside otherwise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dgemma
+from dgemma.model import moe_native, traced
+from dgemma.model.layers import Experts, native_experts
+from dgemma.presets import init_checkpoint
+
+needs_native = pytest.mark.skipif(moe_native._bind() is None,
+                                  reason="no C compiler, no AVX2 kernels in this torch, or no sgemm_/SLEEF symbols")
+
+
+class _Cfg:
+    def __init__(self, E, H, I, K):
+        self.num_experts, self.hidden_size, self.moe_intermediate_size, self.top_k_experts = E, H, I, K
+
+
+def _experts(E, H, I, seed=0, K=2):
+    ex = Experts(_Cfg(E, H, I, K))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        ex.gate_up_proj.copy_(torch.randn(ex.gate_up_proj.shape, generator=g) * 0.05)
+        ex.down_proj.copy_(torch.randn(ex.down_proj.shape, generator=g) * 0.05)
+    return ex
+
+
+def _usable(ex, x):
+    return moe_native.usable(x, x.shape[0], ex.top_k, ex.num_experts, ex.hidden, ex.inter)
+
+
+def _routing(T, E, K, counts_for_first=None, seed=0):
+    """Random top-k routing; with counts_for_first = n, expert 0 gets exactly n slots (n <= T)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(T, E, generator=g)
+    if counts_for_first is not None:
+        logits[:, 0] = -10.0
+        logits[:counts_for_first, 0] = 10.0
+    w, idx = torch.softmax(logits, -1).topk(K, dim=-1)
+    return w / w.sum(-1, keepdim=True), idx
+
+
+@needs_native
+@torch.no_grad()
+@pytest.mark.parametrize("E,H,I,K", [(4, 64, 32, 2), (8, 256, 128, 2), (8, 64, 48, 3)])
+def test_native_experts_equal_the_torch_path(E, H, I, K):
+    ex = _experts(E, H, I, K=K)
+    g = torch.Generator().manual_seed(1)
+    cases = 0
+    # every group size up to 24 for one expert (MKL treats sizes 5-7 and 9-11 differently across threads), and
+    # ordinary routings over several token counts
+    for T, n in [(24, n) for n in range(1, 25)] + [(T, None) for T in (1, 2, 3, 7, 16, 33, 64)]:
+        x = torch.randn(T, H, generator=g) * 2
+        w, idx = _routing(T, E, K, n, seed=T * 31 + (n or 0))
+        want = ex.torch_forward(x, w, idx)
+        with native_experts():
+            assert _usable(ex, x)
+            got = ex(x, w, idx)
+        assert torch.equal(got, want), (T, n)
+        cases += 1
+    assert cases == 31
+
+
+@needs_native
+@torch.no_grad()
+def test_rows_marked_unsafe_run_on_the_calling_thread_with_the_same_bits(monkeypatch):
+    ex = _experts(8, 64, 32, seed=3)
+    monkeypatch.setattr(moe_native, "_safe_table", lambda lib, H, I, upto: bytearray(upto + 1))  # nothing safe
+    g = torch.Generator().manual_seed(2)
+    for T in (5, 16, 40):
+        x = torch.randn(T, 64, generator=g)
+        w, idx = _routing(T, 8, 2, seed=T)
+        with native_experts():
+            assert torch.equal(ex(x, w, idx), ex.torch_forward(x, w, idx))
+
+
+@torch.no_grad()
+def test_not_used_outside_the_trace_context_nor_with_gradients_or_other_shapes(monkeypatch):
+    ex = _experts(4, 64, 32)
+    x = torch.randn(8, 64)
+    w, idx = _routing(8, 4, 2)
+    calls = []
+    monkeypatch.setattr(moe_native, "_run", lambda *a: calls.append(1))
+    assert torch.equal(ex(x, w, idx), ex.torch_forward(x, w, idx))  # no context: the torch path
+    assert not calls
+    with native_experts():
+        with torch.enable_grad():
+            assert not _usable(ex, x)
+        assert not _usable(ex, x.double())
+        odd = _experts(4, 64, 24)  # rows of 24 would put part of ATen's GELU on its scalar path
+        assert not _usable(odd, x)
+        assert torch.equal(odd(x, w, idx), odd.torch_forward(x, w, idx))
+    assert not calls
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return dgemma.load(init_checkpoint("tiny", tmp_path_factory.mktemp("moe") / "tiny"), device="cpu")
+
+
+def _traced_once(bb, monkeypatch):
+    monkeypatch.setattr(traced, "TRACE_AFTER", 2)
+    cache = bb.new_cache(1, 40)
+    bb.encode(torch.randint(3, bb.cfg.vocab_size, (1, 20), generator=torch.Generator().manual_seed(0)), cache)
+    canvas = torch.randint(0, bb.cfg.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
+    old, traced.ENABLED = traced.ENABLED, False
+    try:
+        want = bb.denoise(canvas, cache)
+    finally:
+        traced.ENABLED = old
+    bb._traced.clear()
+    outs = [bb.denoise(canvas, cache) for _ in range(4)]
+    fns = [v for v in bb._traced.values() if not isinstance(v, (int, bool))]
+    return want, outs, fns
+
+
+@needs_native
+@torch.no_grad()
+def test_the_trace_holds_the_native_experts_and_stays_exact(model, monkeypatch):
+    want, outs, fns = _traced_once(model.backbone, monkeypatch)
+    assert all(torch.equal(o, want) for o in outs)
+    (fn,) = fns
+    assert str(fn.inlined_graph).count("dgemma::moe_experts") == model.backbone.cfg.num_hidden_layers
+
+
+@torch.no_grad()
+def test_a_failed_self_check_keeps_the_torch_experts_in_the_trace(model, monkeypatch):
+    monkeypatch.setattr(moe_native, "_STATE", {})
+    monkeypatch.setattr(moe_native, "_self_check", lambda *a: False)
+    want, outs, fns = _traced_once(model.backbone, monkeypatch)
+    assert all(torch.equal(o, want) for o in outs)
+    (fn,) = fns
+    assert "dgemma::moe_experts" not in str(fn.inlined_graph)
+
+
+@needs_native
+@torch.no_grad()
+def test_native_experts_that_differ_are_dropped_by_the_trace_check(model, monkeypatch):
+    """Should the operator ever differ on a real pass, the trace made with it differs from eager and the next
+    variant (the torch experts) is traced instead, silently."""
+    import warnings
+
+    real = moe_native._run
+    monkeypatch.setattr(moe_native, "_STATE", {})
+    monkeypatch.setattr(moe_native, "_self_check", lambda *a: True)  # so that only the trace's check can catch it
+    monkeypatch.setattr(moe_native, "_run", lambda *a: real(*a) * (1 + 1e-6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        want, outs, fns = _traced_once(model.backbone, monkeypatch)
+    assert all(torch.equal(o, want) for o in outs)
+    (fn,) = fns
+    assert "dgemma::moe_experts" not in str(fn.inlined_graph)
+
+
+def test_native_experts_are_optional(monkeypatch):
+    monkeypatch.setattr(moe_native, "_STATE", {})
+    monkeypatch.setattr(moe_native.native, "ENABLED", False)
+    ex = _experts(4, 64, 32)
+    x = torch.randn(8, 64)
+    w, idx = _routing(8, 4, 2)
+    with torch.no_grad(), native_experts():
+        assert not _usable(ex, x)
+        assert torch.equal(ex(x, w, idx), ex.torch_forward(x, w, idx))
