@@ -3,6 +3,8 @@ the CPU trace only where they do, and step aside otherwise."""
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 import torch
 
@@ -69,7 +71,7 @@ def test_native_experts_equal_the_torch_path(E, H, I, K):
 @torch.no_grad()
 def test_rows_marked_unsafe_run_on_the_calling_thread_with_the_same_bits(monkeypatch):
     ex = _experts(8, 64, 32, seed=3)
-    monkeypatch.setattr(moe_native, "_safe_table", lambda lib, H, I, upto: bytearray(upto + 1))  # nothing safe
+    monkeypatch.setattr(moe_native, "_safe_table", lambda lib, H, I, upto: (ctypes.c_ubyte * (upto + 1))())  # none safe
     g = torch.Generator().manual_seed(2)
     for T in (5, 16, 40):
         x = torch.randn(T, 64, generator=g)

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..config import SLIDING, TextConfig
 from .cache import KVCache
-from .layers import Layer, RMSNorm, feature_major, gelu_tanh, rms_norm_noscale, rope_cos_sin, rope_inv_freq
+from .layers import Layer, RMSNorm, feature_major, gated_mlp, rms_norm_noscale, rope_cos_sin, rope_inv_freq
 from .traced import run_denoise
 
 
@@ -42,7 +42,7 @@ class SelfConditioning(nn.Module):
         if s is None:  # zero signal: MLP(pre_norm(0)) is exactly 0, so skip it
             return rms_norm_noscale(e, self.eps)
         n = self.pre_norm(s)
-        return rms_norm_noscale(e + self.down_proj(gelu_tanh(self.gate_proj(n)) * self.up_proj(n)), self.eps)
+        return rms_norm_noscale(e + gated_mlp(n, self.gate_proj, self.up_proj, self.down_proj), self.eps)
 
 
 class Backbone(nn.Module):

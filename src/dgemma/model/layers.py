@@ -82,6 +82,20 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
+def gated_mlp(x: torch.Tensor, gate: nn.Linear, up: nn.Linear, down: nn.Linear) -> torch.Tensor:
+    """down(gelu(gate(x)) ⊙ up(x)). Under `feature_major_products` (fp32, no gradients) the three products are taken
+    weight-first with the activations feature-major in between ([I, N]: the GELU and the product are elementwise, so
+    the layout does not change their bits), and one small transposing copy at the end; each GEMM is the same K-long
+    dot product per output, which MKL gives the same bits here (checked by the trace, as for the head)."""
+    if _LAYOUT.feature_major and x.dtype == torch.float32 and not x.requires_grad:
+        xt = x.reshape(-1, x.shape[-1]).t()
+        g = torch.mm(gate.weight, xt)
+        a = gelu_tanh(g) * torch.mm(up.weight, xt)
+        y = torch.mm(down.weight, a)  # [H, N]
+        return torch.empty(x.shape[:-1] + (y.shape[0],), dtype=y.dtype).copy_(y.t().view(x.shape[:-1] + (-1,)))
+    return down(gelu_tanh(gate(x)) * up(x))
+
+
 def rope_inv_freq(params: dict, head_dim: int) -> torch.Tensor:
     """Inverse frequencies (spec §2.3). `proportional` rotates only the first `int(p·d//2)` pairs, with the
     exponent over the full head dim; the remaining frequencies are 0 (those dimensions pass through)."""
@@ -122,7 +136,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inter, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+        return gated_mlp(x, self.gate_proj, self.up_proj, self.down_proj)
 
 
 class Attention(nn.Module):
@@ -315,4 +329,4 @@ def init_weights(module: nn.Module, std: float = 0.02, generator: torch.Generato
 
 
 __all__ = ["feature_major_products", "feature_major", "native_experts", "RMSNorm", "MLP", "Attention", "Router", "Experts", "Layer", "rope_inv_freq", "rope_cos_sin",
-           "apply_rope", "rms_norm_noscale", "gelu_tanh", "init_weights"]
+           "apply_rope", "rms_norm_noscale", "gelu_tanh", "gated_mlp", "init_weights"]

@@ -60,27 +60,30 @@ def _p(t: torch.Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
 
-def _safe_table(lib, H: int, I: int, upto: int) -> bytearray:
-    """safe[n]: does an expert GEMM pair over n rows give torch.mm's bits on one thread inside a parallel region?"""
+def _safe_table(lib, H: int, I: int, upto: int):
+    """safe[n]: does an expert GEMM pair over n rows give torch.mm's bits on one thread inside a parallel region?
+    Probed on random data (MKL's path depends on the shape, not the values) as row counts first occur; returned as a
+    ctypes byte array for the C side."""
     nt = torch.get_num_threads()
     key = (H, I, nt)
-    table = _STATE["safe"].get(key)
-    if table is None:
-        table = _STATE["safe"][key] = bytearray()
-    if len(table) <= upto:
-        g = torch.Generator().manual_seed(len(table))
-        for n in range(len(table), upto + 1):
-            ok = nt > 1 and n > 0
-            for K, N in ((H, 2 * I), (I, H)):
-                if not ok:
-                    break
-                x = torch.randn(n, K, generator=g)
-                w = torch.randn(N, K, generator=g) * 0.05
-                out = torch.empty(n, N)
-                lib.dg_linear(_p(x), n, K, _p(w), N, _p(out), nt)
-                ok = torch.equal(out, torch.mm(x, w.t()))
-            table.append(1 if ok else 0)
-    return table
+    entry = _STATE["safe"].get(key)
+    if entry is not None and len(entry) > upto:
+        return entry
+    table = bytearray(entry or b"")
+    g = torch.Generator().manual_seed(len(table))
+    for n in range(len(table), max(upto + 1, 2 * len(table))):
+        ok = nt > 1 and n > 0
+        for K, N in ((H, 2 * I), (I, H)):
+            if not ok:
+                break
+            x = torch.randn(n, K, generator=g)
+            w = torch.randn(N, K, generator=g) * 0.05
+            out = torch.empty(n, N)
+            lib.dg_linear(_p(x), n, K, _p(w), N, _p(out), nt)
+            ok = torch.equal(out, torch.mm(x, w.t()))
+        table.append(1 if ok else 0)
+    entry = _STATE["safe"][key] = (ctypes.c_ubyte * len(table))(*table)
+    return entry
 
 
 def _aligned_gelu(S: int, I: int) -> bool:
@@ -105,8 +108,7 @@ def _run(lib, x, perm, counts, weights, gate_up, down) -> torch.Tensor:
     safe = _safe_table(lib, H, I, S)
     out = torch.empty(T, H, dtype=torch.float32)
     ws = torch.empty(S * (2 * H + 3 * I), dtype=torch.float32)
-    buf = (ctypes.c_ubyte * len(safe)).from_buffer(safe)
-    r = lib.dg_moe(_p(x), T, H, K, _p(perm), _p(counts), E, _p(weights), _p(gate_up), _p(down), I, buf, _p(out),
+    r = lib.dg_moe(_p(x), T, H, K, _p(perm), _p(counts), E, _p(weights), _p(gate_up), _p(down), I, safe, _p(out),
                    _p(ws), torch.get_num_threads())
     if r != 0:
         raise RuntimeError("dgemma: native experts refused this shape")
@@ -114,9 +116,11 @@ def _run(lib, x, perm, counts, weights, gate_up, down) -> torch.Tensor:
 
 
 def _impl(x, perm, counts, weights, gate_up, down):
-    lib = _bind()
-    if lib is None or not all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (x, weights, gate_up, down)):
-        raise RuntimeError("dgemma::moe_experts takes CPU float32 tensors and needs the native library")
+    lib = _STATE.get("fn") or _bind()
+    if lib is None or not (x.dtype == weights.dtype == gate_up.dtype == down.dtype == torch.float32
+                           and x.device.type == "cpu" and perm.dtype == counts.dtype == torch.int64):
+        raise RuntimeError("dgemma::moe_experts takes CPU float32 tensors (int64 perm and counts) and needs the "
+                           "native library")
     return _run(lib, x.contiguous(), perm.contiguous(), counts.contiguous(), weights.contiguous(),
                 gate_up.contiguous(), down.contiguous())
 
