@@ -198,7 +198,11 @@ def test_weight_first_head_only_where_it_gives_the_same_bits(model, monkeypatch)
     assert str(fn.inlined_graph).count("aten::mm(") == 1 + 3 * bb.cfg.num_hidden_layers
 
     real = backbone._head_feature_major
-    monkeypatch.setattr(backbone, "_head_feature_major", lambda h, w: real(h, w) * (1 + 1e-6))
+    def off(h, w, cap):
+        out, divided = real(h, w, cap)
+        return out * (1 + 1e-6), divided
+
+    monkeypatch.setattr(backbone, "_head_feature_major", off)
     bb._traced.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # falling back to the usual orientation is silent

@@ -8,8 +8,9 @@ directory and file owned by the user and writable by nobody else.
 
 - `mt19937`: advances torch's CPU generator over a multinomial's draws, tempering only the rows that are used
   (see `csrc/mt19937.c` and `fastrand.py`).
-- `moe`: the experts of a MoE layer spread over OpenMP threads, calling torch's own MKL and SLEEF (AVX2 only; see
-  `csrc/moe.c` and `model/moe_native.py`).
+- `cpu_ops`: operators for the CPU trace of the decoder pass: a MoE layer's experts spread over OpenMP threads,
+  calling torch's own MKL and SLEEF, and the tied head's transposing copy (AVX2 only; see `csrc/cpu_ops.c` and
+  `model/native_ops.py`).
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ from pathlib import Path
 ENABLED = os.environ.get("DGEMMA_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
 _SRC = Path(__file__).parent / "csrc"
 _FLAGS = ["-O3", "-shared", "-fPIC", "-std=c99"]  # portable code: no -march=native, so a cache may be shared
-# per-source extras: moe.c is AVX2 code (used only where torch itself runs its AVX2 kernels), with no contraction of
+# per-source extras: cpu_ops.c is AVX2 code (used only where torch itself runs its AVX2 kernels), with no contraction of
 # products and sums beyond the fused ones it writes out, and OpenMP (torch's own runtime, already loaded)
-_EXTRA = {"moe": ["-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"]}
+_EXTRA = {"cpu_ops": ["-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"]}
 _LOCK = threading.Lock()
 _LIBS: dict[str, ctypes.CDLL | None] = {}
 

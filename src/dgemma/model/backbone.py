@@ -15,6 +15,7 @@ from torch import nn
 from ..config import SLIDING, TextConfig
 from .cache import KVCache
 from .layers import Layer, RMSNorm, feature_major, gated_mlp, rms_norm_noscale, rope_cos_sin, rope_inv_freq
+from . import native_ops
 from .traced import run_denoise
 
 
@@ -196,24 +197,29 @@ class Backbone(nn.Module):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm, tied head on the raw embedding, fp32, softcap (spec §2.9)."""
         h = self.norm(x)
+        divided = False
         if feature_major() and h.dtype == torch.float32 and not h.requires_grad:
-            out = _head_feature_major(h, self.embed_tokens.weight)
+            out, divided = _head_feature_major(h, self.embed_tokens.weight, self.softcap)
         else:
             out = F.linear(h, self.embed_tokens.weight).float()
         if self.softcap:
             if out.requires_grad:  # training: autograd needs tanh's output intact
                 out = torch.tanh(out / self.softcap) * self.softcap
             else:  # inference: the same arithmetic in place, without two [.., V] temporaries
-                out = out.div_(self.softcap).tanh_().mul_(self.softcap)
+                out = (out if divided else out.div_(self.softcap)).tanh_().mul_(self.softcap)
         return out
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         return KVCache(self.cfg, batch, capacity, self.dtype, self.device)
 
 
-def _head_feature_major(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _head_feature_major(h: torch.Tensor, weight: torch.Tensor, softcap: float | None) -> tuple[torch.Tensor, bool]:
     """The fp32 head product `F.linear(h, weight)` taken as W·hᵀ ([V, N], see `layers.feature_major_products`) and
-    copied into the usual contiguous [.., V] layout, on which `logits` then applies the softcap."""
+    brought back to the usual contiguous [.., V] layout, on which `logits` applies the softcap. Returns (product,
+    divided): with the native transposing copy (model/native_ops.py) the softcap's division is done on the way."""
     prod_t = torch.mm(weight, h.reshape(-1, h.shape[-1]).t())  # [V, N]
-    view = prod_t.t().view(h.shape[:-1] + (weight.shape[0],))
-    return torch.empty(view.shape, dtype=torch.float32, device=h.device).copy_(view)
+    shape = h.shape[:-1] + (weight.shape[0],)
+    if softcap and native_ops.transpose_usable(prod_t):
+        return torch.ops.dgemma.transpose_div(prod_t, float(softcap)).view(shape), True
+    view = prod_t.t().view(shape)
+    return torch.empty(view.shape, dtype=torch.float32, device=h.device).copy_(view), False

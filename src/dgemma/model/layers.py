@@ -39,7 +39,7 @@ def rms_norm_noscale(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 class _Layout(threading.local):
     feature_major = False
-    native_experts = False
+    native = False
     tokens: int | None = None  # the pass's token count while tracing (a traced tensor's sizes are tensors)
 
 
@@ -64,18 +64,23 @@ def feature_major() -> bool:
     return _LAYOUT.feature_major
 
 
+def native_active() -> bool:
+    return _LAYOUT.native
+
+
 @contextmanager
-def native_experts(tokens: int | None = None):
-    """While active (in this thread), inference MoE experts on the CPU run as `torch.ops.dgemma.moe_experts`
-    (model/moe_native.py) where it is usable: the experts spread over threads, with torch's bits. Like
-    `feature_major_products`, only the CPU trace uses it, and keeps a trace only if it gives the eager pass's logits.
+def native_cpu_ops(tokens: int | None = None):
+    """While active (in this thread), inference on the CPU uses dgemma's native operators (model/native_ops.py)
+    where they are usable: the MoE experts spread over threads, and the head's transposing copy, with torch's bits.
+    Like `feature_major_products`, only the CPU trace uses it, and keeps a trace only if it gives the eager pass's
+    logits.
     tokens: the tokens per pass, for a pass being traced (whose sizes the tracer hands out as tensors)."""
-    old = _LAYOUT.native_experts, _LAYOUT.tokens
-    _LAYOUT.native_experts, _LAYOUT.tokens = True, tokens
+    old = _LAYOUT.native, _LAYOUT.tokens
+    _LAYOUT.native, _LAYOUT.tokens = True, tokens
     try:
         yield
     finally:
-        _LAYOUT.native_experts, _LAYOUT.tokens = old
+        _LAYOUT.native, _LAYOUT.tokens = old
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -251,11 +256,11 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(E, H, Ie))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        if _LAYOUT.native_experts:
-            from . import moe_native
+        if _LAYOUT.native:
+            from . import native_ops
 
             T = _LAYOUT.tokens if _LAYOUT.tokens is not None else x.shape[0]
-            if moe_native.usable(x, T, self.top_k, self.num_experts, self.hidden, self.inter):
+            if native_ops.usable(x, T, self.top_k, self.num_experts, self.hidden, self.inter):
                 sorted_ids, perm = torch.sort(idx.reshape(-1))
                 counts = torch.bincount(sorted_ids, minlength=self.num_experts)
                 return torch.ops.dgemma.moe_experts(x, perm, counts, weights, self.gate_up_proj,
@@ -328,5 +333,5 @@ def init_weights(module: nn.Module, std: float = 0.02, generator: torch.Generato
                 b.fill_(1.0)
 
 
-__all__ = ["feature_major_products", "feature_major", "native_experts", "RMSNorm", "MLP", "Attention", "Router", "Experts", "Layer", "rope_inv_freq", "rope_cos_sin",
+__all__ = ["feature_major_products", "feature_major", "native_cpu_ops", "RMSNorm", "MLP", "Attention", "Router", "Experts", "Layer", "rope_inv_freq", "rope_cos_sin",
            "apply_rope", "rms_norm_noscale", "gelu_tanh", "gated_mlp", "init_weights"]

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import feature_major_products, native_experts
+from .layers import feature_major_products, native_cpu_ops
 
 if TYPE_CHECKING:
     from .backbone import Backbone
@@ -131,7 +131,7 @@ def _make(bb: "Backbone", key: tuple, args: tuple, eager_args: tuple):
 
     Two exact speed-ups are tried first, each a property of this machine's libraries rather than a guarantee: the
     head's product weight-first (`layers.feature_major_products`) and the experts in native code
-    (`layers.native_experts`, model/moe_native.py). A trace is kept only if its logits are the eager pass's bits;
+    (`layers.native_cpu_ops`, model/native_ops.py). A trace is kept only if its logits are the eager pass's bits;
     otherwise the next variant is traced, down to the plain one."""
     want = bb.denoise_body(*eager_args)
     if not _grouped_mm_fused(bb):
@@ -145,7 +145,7 @@ def _make(bb: "Backbone", key: tuple, args: tuple, eager_args: tuple):
                 if weight_first:
                     ctx.enter_context(feature_major_products())
                 if native:
-                    ctx.enter_context(native_experts(eager_args[0].numel()))
+                    ctx.enter_context(native_cpu_ops(eager_args[0].numel()))
                     bb.denoise_body(*eager_args)  # runs the native experts' checks outside the tracer
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")

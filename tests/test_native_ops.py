@@ -1,4 +1,4 @@
-"""The native MoE experts (dgemma/csrc/moe.c via model/moe_native.py) give the torch path's exact bits, are used in
+"""The native MoE experts (dgemma/csrc/cpu_ops.c via model/native_ops.py) give the torch path's exact bits, are used in
 the CPU trace only where they do, and step aside otherwise."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import dgemma
-from dgemma.model import moe_native, traced
-from dgemma.model.layers import Experts, native_experts
+from dgemma.model import native_ops, traced
+from dgemma.model.layers import Experts, native_cpu_ops
 from dgemma.presets import init_checkpoint
 
-needs_native = pytest.mark.skipif(moe_native._bind() is None,
+needs_native = pytest.mark.skipif(native_ops._bind() is None,
                                   reason="no C compiler, no AVX2 kernels in this torch, or no sgemm_/SLEEF symbols")
 
 
@@ -32,7 +32,7 @@ def _experts(E, H, I, seed=0, K=2):
 
 
 def _usable(ex, x):
-    return moe_native.usable(x, x.shape[0], ex.top_k, ex.num_experts, ex.hidden, ex.inter)
+    return native_ops.usable(x, x.shape[0], ex.top_k, ex.num_experts, ex.hidden, ex.inter)
 
 
 def _routing(T, E, K, counts_for_first=None, seed=0):
@@ -49,7 +49,7 @@ def _routing(T, E, K, counts_for_first=None, seed=0):
 @needs_native
 @torch.no_grad()
 @pytest.mark.parametrize("E,H,I,K", [(4, 64, 32, 2), (8, 256, 128, 2), (8, 64, 48, 3)])
-def test_native_experts_equal_the_torch_path(E, H, I, K):
+def test_native_cpu_ops_equal_the_torch_path(E, H, I, K):
     ex = _experts(E, H, I, K=K)
     g = torch.Generator().manual_seed(1)
     cases = 0
@@ -59,7 +59,7 @@ def test_native_experts_equal_the_torch_path(E, H, I, K):
         x = torch.randn(T, H, generator=g) * 2
         w, idx = _routing(T, E, K, n, seed=T * 31 + (n or 0))
         want = ex.torch_forward(x, w, idx)
-        with native_experts():
+        with native_cpu_ops():
             assert _usable(ex, x)
             got = ex(x, w, idx)
         assert torch.equal(got, want), (T, n)
@@ -71,12 +71,12 @@ def test_native_experts_equal_the_torch_path(E, H, I, K):
 @torch.no_grad()
 def test_rows_marked_unsafe_run_on_the_calling_thread_with_the_same_bits(monkeypatch):
     ex = _experts(8, 64, 32, seed=3)
-    monkeypatch.setattr(moe_native, "_safe_table", lambda lib, H, I, upto: (ctypes.c_ubyte * (upto + 1))())  # none safe
+    monkeypatch.setattr(native_ops, "_safe_table", lambda lib, H, I, upto: (ctypes.c_ubyte * (upto + 1))())  # none safe
     g = torch.Generator().manual_seed(2)
     for T in (5, 16, 40):
         x = torch.randn(T, 64, generator=g)
         w, idx = _routing(T, 8, 2, seed=T)
-        with native_experts():
+        with native_cpu_ops():
             assert torch.equal(ex(x, w, idx), ex.torch_forward(x, w, idx))
 
 
@@ -86,10 +86,10 @@ def test_not_used_outside_the_trace_context_nor_with_gradients_or_other_shapes(m
     x = torch.randn(8, 64)
     w, idx = _routing(8, 4, 2)
     calls = []
-    monkeypatch.setattr(moe_native, "_run", lambda *a: calls.append(1))
+    monkeypatch.setattr(native_ops, "_run", lambda *a: calls.append(1))
     assert torch.equal(ex(x, w, idx), ex.torch_forward(x, w, idx))  # no context: the torch path
     assert not calls
-    with native_experts():
+    with native_cpu_ops():
         with torch.enable_grad():
             assert not _usable(ex, x)
         assert not _usable(ex, x.double())
@@ -122,7 +122,7 @@ def _traced_once(bb, monkeypatch):
 
 @needs_native
 @torch.no_grad()
-def test_the_trace_holds_the_native_experts_and_stays_exact(model, monkeypatch):
+def test_the_trace_holds_the_native_cpu_ops_and_stays_exact(model, monkeypatch):
     want, outs, fns = _traced_once(model.backbone, monkeypatch)
     assert all(torch.equal(o, want) for o in outs)
     (fn,) = fns
@@ -131,8 +131,8 @@ def test_the_trace_holds_the_native_experts_and_stays_exact(model, monkeypatch):
 
 @torch.no_grad()
 def test_a_failed_self_check_keeps_the_torch_experts_in_the_trace(model, monkeypatch):
-    monkeypatch.setattr(moe_native, "_STATE", {})
-    monkeypatch.setattr(moe_native, "_self_check", lambda *a: False)
+    monkeypatch.setattr(native_ops, "_STATE", {})
+    monkeypatch.setattr(native_ops, "_self_check", lambda *a: False)
     want, outs, fns = _traced_once(model.backbone, monkeypatch)
     assert all(torch.equal(o, want) for o in outs)
     (fn,) = fns
@@ -141,15 +141,15 @@ def test_a_failed_self_check_keeps_the_torch_experts_in_the_trace(model, monkeyp
 
 @needs_native
 @torch.no_grad()
-def test_native_experts_that_differ_are_dropped_by_the_trace_check(model, monkeypatch):
+def test_native_cpu_ops_that_differ_are_dropped_by_the_trace_check(model, monkeypatch):
     """Should the operator ever differ on a real pass, the trace made with it differs from eager and the next
     variant (the torch experts) is traced instead, silently."""
     import warnings
 
-    real = moe_native._run
-    monkeypatch.setattr(moe_native, "_STATE", {})
-    monkeypatch.setattr(moe_native, "_self_check", lambda *a: True)  # so that only the trace's check can catch it
-    monkeypatch.setattr(moe_native, "_run", lambda *a: real(*a) * (1 + 1e-6))
+    real = native_ops._run
+    monkeypatch.setattr(native_ops, "_STATE", {})
+    monkeypatch.setattr(native_ops, "_self_check", lambda *a: True)  # so that only the trace's check can catch it
+    monkeypatch.setattr(native_ops, "_run", lambda *a: real(*a) * (1 + 1e-6))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         want, outs, fns = _traced_once(model.backbone, monkeypatch)
@@ -158,12 +158,30 @@ def test_native_experts_that_differ_are_dropped_by_the_trace_check(model, monkey
     assert "dgemma::moe_experts" not in str(fn.inlined_graph)
 
 
-def test_native_experts_are_optional(monkeypatch):
-    monkeypatch.setattr(moe_native, "_STATE", {})
-    monkeypatch.setattr(moe_native.native, "ENABLED", False)
+def test_native_cpu_ops_are_optional(monkeypatch):
+    monkeypatch.setattr(native_ops, "_STATE", {})
+    monkeypatch.setattr(native_ops.native, "ENABLED", False)
     ex = _experts(4, 64, 32)
     x = torch.randn(8, 64)
     w, idx = _routing(8, 4, 2)
-    with torch.no_grad(), native_experts():
+    with torch.no_grad(), native_cpu_ops():
         assert not _usable(ex, x)
         assert torch.equal(ex(x, w, idx), ex.torch_forward(x, w, idx))
+
+
+@needs_native
+@pytest.mark.parametrize("V,N", [(8192, 64), (1024, 16), (1000, 13), (7, 5), (16, 1)])
+def test_transpose_div_is_torch_copy_then_division(V, N):
+    x = torch.randn(V, N, generator=torch.Generator().manual_seed(V + N)) * 50
+    want = torch.empty(N, V).copy_(x.t()).div_(30.0)
+    assert torch.equal(torch.ops.dgemma.transpose_div(x, 30.0), want)
+
+
+@needs_native
+@torch.no_grad()
+def test_the_trace_brings_the_head_back_with_the_native_transpose(model, monkeypatch):
+    want, outs, fns = _traced_once(model.backbone, monkeypatch)
+    assert all(torch.equal(o, want) for o in outs)
+    (fn,) = fns
+    graph = str(fn.inlined_graph)
+    assert graph.count("dgemma::transpose_div") == 1 and "aten::div_" not in graph.split("transpose_div")[-1]

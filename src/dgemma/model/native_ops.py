@@ -1,4 +1,4 @@
-"""The experts of a MoE layer in native code on the CPU, with torch's bits (`csrc/moe.c`).
+"""The experts of a MoE layer in native code on the CPU, with torch's bits (`csrc/cpu_ops.c`).
 
 On a 2-core CPU a `small` layer's experts took ~0.8 ms through torch: sixteen MKL GEMMs of 8-30 rows, each run
 with MKL's two threads but too small to use them, and ~20 ATen calls around them. `dgemma::moe_experts` does the
@@ -6,7 +6,7 @@ same arithmetic with the experts spread over OpenMP threads (each GEMM single-th
 `sgemm_` torch calls) and the GELU, product, routing weight and slot sum fused: ~0.45 ms.
 
 It is an operator (`torch.ops.dgemma.moe_experts`) so that a TorchScript trace of the decoder pass can hold it, and
-it is only used there: `Experts.forward` takes it while `layers.native_experts()` is active, which only
+it is only used there: `Experts.forward` takes it while `layers.native_cpu_ops()` is active, which only
 `model/traced.py` does, and a trace is kept only if its logits equal the eager pass's bit for bit. Before that:
 
 - the library must build and find torch's `sgemm_` and SLEEF `tanh` (torch's own, so the same code), and torch must
@@ -26,6 +26,7 @@ import threading
 import torch
 
 from .. import native
+from . import layers
 
 _LOCK = threading.Lock()
 _STATE: dict = {}  # "fn": the bound C function or None; "checked": {shape: bool}; "safe": {key: bytearray}
@@ -39,7 +40,7 @@ def _bind():
     fn = None
     try:
         if torch.backends.cpu.get_cpu_capability() == "AVX2":
-            lib = native.library("moe")
+            lib = native.library("cpu_ops")
             if lib is not None:
                 tl = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
                 sgemm, tanh8 = getattr(tl, "sgemm_", None), getattr(tl, "Sleef_tanhf8_u10", None)
@@ -125,9 +126,30 @@ def _impl(x, perm, counts, weights, gate_up, down):
                 gate_up.contiguous(), down.contiguous())
 
 
+def _transpose_div(x, d):
+    lib = _STATE.get("fn") or _bind()
+    if lib is None or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2:
+        raise RuntimeError("dgemma::transpose_div takes a 2-D CPU float32 tensor and needs the native library")
+    x = x.contiguous()
+    V, N = x.shape
+    out = torch.empty(N, V, dtype=torch.float32)
+    lib.dg_transpose_div(_p(x), ctypes.c_int64(V), ctypes.c_int64(N), ctypes.c_float(d), _p(out),
+                         torch.get_num_threads())
+    return out
+
+
 _LIB = torch.library.Library("dgemma", "DEF")
 _LIB.define("moe_experts(Tensor x, Tensor perm, Tensor counts, Tensor weights, Tensor gate_up, Tensor down) -> Tensor")
 _LIB.impl("moe_experts", _impl, "CPU")
+_LIB.define("transpose_div(Tensor x, float d) -> Tensor")  # out[n, v] = x[v, n] / d
+_LIB.impl("transpose_div", _transpose_div, "CPU")
+
+
+def transpose_usable(x: torch.Tensor) -> bool:
+    """Can `transpose_div` bring the weight-first head product back (CPU fp32, no gradients, the library built)?
+    Its numbers are a copy and one IEEE division, the same as torch's; the trace check confirms it as for the rest."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+            and layers.native_active() and (_STATE.get("fn") or _bind()) is not None)
 
 
 def usable(x: torch.Tensor, T: int, K: int, E: int, H: int, I: int) -> bool:
