@@ -185,3 +185,53 @@ def test_the_trace_brings_the_head_back_with_the_native_transpose(model, monkeyp
     (fn,) = fns
     graph = str(fn.inlined_graph)
     assert graph.count("dgemma::transpose_div") == 1 and "aten::div_" not in graph.split("transpose_div")[-1]
+
+
+@needs_native
+@torch.no_grad()
+def test_layer_glue_equals_the_torch_layer_tail(model):
+    """pre_ffn + ffn_tail (the norms and residual adds around the FFN) against Layer's own ATen arithmetic, with
+    non-trivial norm weights and residual scales."""
+    import copy
+
+    from dgemma.model import layers
+
+    bb = copy.deepcopy(model.backbone)
+    g = torch.Generator().manual_seed(4)
+    H = bb.cfg.hidden_size
+    for layer in bb.layers:
+        for n in layer.NORMS:
+            getattr(layer, n).weight.copy_(torch.randn(H, generator=g))
+        layer.router.scale.copy_(torch.randn(H, generator=g))
+        layer.layer_scalar.fill_(0.75)
+        for scale in (1e-3, 1.0, 30.0):
+            x = torch.randn(2, 16, H, generator=g) * scale
+            o = torch.randn(2, 16, H, generator=g)
+            want = layer.ffn(x + layer.post_attention_layernorm(o)) * layer.layer_scalar
+            with layers.native_cpu_ops(32):
+                assert native_ops.layer_glue_usable(x, H)
+                got = layer._ffn_native(x, o, layer.layer_scalar)
+            assert torch.equal(got, want), scale
+
+
+@needs_native
+def test_layer_glue_only_for_rows_it_reproduces():
+    from dgemma.model import layers
+
+    x = torch.randn(4, 48)
+    with torch.no_grad(), layers.native_cpu_ops():
+        assert not native_ops.layer_glue_usable(x, 48)  # not whole blocks of 32: ATen's sum order differs there
+        assert not native_ops.layer_glue_usable(torch.randn(4, 512), 512)  # a cascade level in ATen's sum
+        assert native_ops.layer_glue_usable(torch.randn(4, 480), 480)
+    assert not native_ops.layer_glue_usable(torch.randn(4, 64), 64)  # outside the trace's native variant
+
+
+@needs_native
+@torch.no_grad()
+def test_the_trace_holds_the_layer_glue(model, monkeypatch):
+    want, outs, fns = _traced_once(model.backbone, monkeypatch)
+    assert all(torch.equal(o, want) for o in outs)
+    (fn,) = fns
+    graph = str(fn.inlined_graph)
+    L = model.backbone.cfg.num_hidden_layers
+    assert graph.count("dgemma::pre_ffn") == L and graph.count("dgemma::ffn_tail") == L

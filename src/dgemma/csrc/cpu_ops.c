@@ -26,6 +26,7 @@
 #include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
+#include <math.h>
 #include <omp.h>
 
 typedef void (*sgemm_fn)(const char *, const char *, const int *, const int *, const int *, const float *,
@@ -177,4 +178,78 @@ void dg_transpose_div(const float *in, int64_t V, int64_t N, float d, float *out
     }
     for (int64_t v = V8; v < V; v++)
         for (int64_t n = 0; n < N; n++) out[n * V + v] = in[v * N + n] / d;
+}
+
+/* 3. Layer glue: the residual adds and the RMSNorms around the FFN of a layer, as model/layers.py computes them
+ * through ATen, fused into two calls (about twenty traced ATen calls each).
+ * An RMSNorm row is x · (mean(x²) + eps)^-½ [· w] in fp32. ATen's mean is the sum of the squares divided by D; its
+ * sum over a contiguous row of D floats (D % 32 == 0 and D / 32 < 16: no cascade level) keeps 4 accumulators of 8
+ * lanes over blocks of 32 elements, adds them as ((a0 + a1) + a2) + a3 and then the 8 lanes in order onto 0.
+ * x^-½ is 1 / sqrt(x) in ATen: one rounding each. Every product and sum here is its own rounding, as in ATen. */
+static float inv_rms(const float *x, int64_t D, float eps) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t i = 0; i < D; i += 32) {
+        __m256 v0 = _mm256_loadu_ps(x + i), v1 = _mm256_loadu_ps(x + i + 8), v2 = _mm256_loadu_ps(x + i + 16),
+               v3 = _mm256_loadu_ps(x + i + 24);
+        a0 = _mm256_add_ps(a0, _mm256_mul_ps(v0, v0));
+        a1 = _mm256_add_ps(a1, _mm256_mul_ps(v1, v1));
+        a2 = _mm256_add_ps(a2, _mm256_mul_ps(v2, v2));
+        a3 = _mm256_add_ps(a3, _mm256_mul_ps(v3, v3));
+    }
+    __m256 p = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), a2), a3);
+    float lanes[8], sum = 0.0f;
+    _mm256_storeu_ps(lanes, p);
+    for (int k = 0; k < 8; k++) sum += lanes[k];
+    return 1.0f / sqrtf(sum / (float)D + eps);
+}
+
+/* out = x · r [· w] */
+static void scale_row(const float *x, int64_t D, float r, const float *w, float *out) {
+    const __m256 rv = _mm256_set1_ps(r);
+    for (int64_t i = 0; i < D; i += 8) {
+        __m256 y = _mm256_mul_ps(_mm256_loadu_ps(x + i), rv);
+        if (w) y = _mm256_mul_ps(y, _mm256_loadu_ps(w + i));
+        _mm256_storeu_ps(out + i, y);
+    }
+}
+
+int dg_norm_ok(int64_t D) { return D > 0 && D % 32 == 0 && D / 32 < 16; }
+
+/* After attention: x2 = x + norm_pa(o); n1 = norm_pre(x2); n2 = norm_pre2(x2); r = (norm∅(x2) · scale) · root
+ * (the router's input). All [rows, D]. */
+void dg_pre_ffn(const float *x, const float *o, int64_t rows, int64_t D, const float *w_pa, const float *w_pre,
+                const float *w_pre2, const float *scale, float root, float eps, float *x2, float *n1, float *n2,
+                float *r) {
+    const __m256 rootv = _mm256_set1_ps(root);
+    for (int64_t t = 0; t < rows; t++) {
+        const float *xr = x + t * D, *orow = o + t * D;
+        float *x2r = x2 + t * D, *rr = r + t * D;
+        scale_row(orow, D, inv_rms(orow, D, eps), w_pa, x2r);
+        for (int64_t i = 0; i < D; i += 8)
+            _mm256_storeu_ps(x2r + i, _mm256_add_ps(_mm256_loadu_ps(xr + i), _mm256_loadu_ps(x2r + i)));
+        const float inv = inv_rms(x2r, D, eps);
+        scale_row(x2r, D, inv, w_pre, n1 + t * D);
+        scale_row(x2r, D, inv, w_pre2, n2 + t * D);
+        scale_row(x2r, D, inv, scale, rr);
+        for (int64_t i = 0; i < D; i += 8) _mm256_storeu_ps(rr + i, _mm256_mul_ps(_mm256_loadu_ps(rr + i), rootv));
+    }
+}
+
+/* The end of a layer: out = (x + norm_post(norm_post1(h1) + norm_post2(h2))) · scalar. All [rows, D]. */
+void dg_ffn_tail(const float *x, const float *h1, const float *h2, int64_t rows, int64_t D, const float *w1,
+                 const float *w2, const float *w, float scalar, float eps, float *out) {
+    const __m256 sv = _mm256_set1_ps(scalar);
+    for (int64_t t = 0; t < rows; t++) {
+        const float *a = h1 + t * D, *b = h2 + t * D, *xr = x + t * D;
+        float *o = out + t * D;
+        scale_row(a, D, inv_rms(a, D, eps), w1, o);
+        const float rb = inv_rms(b, D, eps);
+        for (int64_t i = 0; i < D; i += 8) {
+            __m256 nb = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(b + i), _mm256_set1_ps(rb)), _mm256_loadu_ps(w2 + i));
+            _mm256_storeu_ps(o + i, _mm256_add_ps(_mm256_loadu_ps(o + i), nb));
+        }
+        scale_row(o, D, inv_rms(o, D, eps), w, o);
+        for (int64_t i = 0; i < D; i += 8)
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_add_ps(_mm256_loadu_ps(xr + i), _mm256_loadu_ps(o + i)), sv));
+    }
 }

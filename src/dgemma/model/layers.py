@@ -207,12 +207,16 @@ class Router(nn.Module):
         self.eps = cfg.rms_norm_eps
         self.top_k = cfg.top_k_experts
         self.root = H ** -0.5
+        self.hidden = H
         self.proj = nn.Linear(H, cfg.num_experts, bias=False)
         self.scale = nn.Parameter(torch.ones(H))
         self.per_expert_scale = nn.Parameter(torch.ones(cfg.num_experts))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = rms_norm_noscale(x, self.eps) * self.scale * self.root
+        return self.route(rms_norm_noscale(x, self.eps) * self.scale * self.root)
+
+    def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Routing from the scaled, normalised residual h (what `forward` computes first)."""
         probs = F.softmax(self.proj(h), dim=-1, dtype=torch.float32)
         w, idx = torch.topk(probs, k=self.top_k, dim=-1)
         w = w / w.sum(dim=-1, keepdim=True)
@@ -307,8 +311,32 @@ class Layer(nn.Module):
                scalar: torch.Tensor) -> torch.Tensor:
         """The rest of the layer once q/k/v are known: attention + residual, FFN, then the layer scalar
         (`layer_scalar` in the decoder, `enc_layer_scalar` in the encoder)."""
-        x = x + self.post_attention_layernorm(self.self_attn.attend(q, k, v, mask))
+        o = self.self_attn.attend(q, k, v, mask)
+        if _LAYOUT.native:
+            from . import native_ops
+
+            if native_ops.layer_glue_usable(x, self.router.hidden) and self._glue_weights_ok():
+                return self._ffn_native(x, o, scalar)
+        x = x + self.post_attention_layernorm(o)
         return self.ffn(x) * scalar
+
+    def _glue_weights_ok(self) -> bool:
+        norms = [getattr(self, n) for n in self.NORMS]
+        return all(n.weight is not None and n.eps == self.router.eps for n in norms)
+
+    def _ffn_native(self, x: torch.Tensor, o: torch.Tensor, scalar: torch.Tensor) -> torch.Tensor:
+        """`finish` after attention through dgemma's native layer glue (model/native_ops.py, inside the CPU trace
+        only): the same arithmetic, the norms and residual adds fused into two calls."""
+        r = self.router
+        x2, n1, n2, h = torch.ops.dgemma.pre_ffn(
+            x, o, self.post_attention_layernorm.weight, self.pre_feedforward_layernorm.weight,
+            self.pre_feedforward_layernorm_2.weight, r.scale, r.root, r.eps)
+        h1 = self.mlp(n1)
+        w, idx = r.route(h.flatten(0, -2))
+        h2 = self.experts(n2.flatten(0, -2), w, idx).view_as(x2)
+        return torch.ops.dgemma.ffn_tail(x2, h1, h2, self.post_feedforward_layernorm_1.weight,
+                                         self.post_feedforward_layernorm_2.weight,
+                                         self.post_feedforward_layernorm.weight, scalar, r.eps)
 
     def ffn(self, x: torch.Tensor) -> torch.Tensor:
         """Everything after attention; x is the residual stream after the attention add."""

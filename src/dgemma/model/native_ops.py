@@ -145,6 +145,54 @@ _LIB.define("transpose_div(Tensor x, float d) -> Tensor")  # out[n, v] = x[v, n]
 _LIB.impl("transpose_div", _transpose_div, "CPU")
 
 
+def _f32(t: torch.Tensor) -> ctypes.c_void_p:
+    if t.dtype != torch.float32 or t.device.type != "cpu":
+        raise RuntimeError("dgemma's layer operators take CPU float32 tensors")
+    return _p(t)
+
+
+def _pre_ffn(x, o, w_pa, w_pre, w_pre2, scale, root, eps):
+    lib = _STATE.get("fn") or _bind()
+    D = x.shape[-1]
+    if lib is None or not lib.dg_norm_ok(D) or o.shape != x.shape:
+        raise RuntimeError("dgemma::pre_ffn: unsupported shape or no native library")
+    x, o = x.contiguous(), o.contiguous()
+    outs = [torch.empty(x.shape, dtype=torch.float32) for _ in range(4)]
+    lib.dg_pre_ffn(_f32(x), _f32(o), ctypes.c_int64(x.numel() // D), ctypes.c_int64(D), _f32(w_pa), _f32(w_pre),
+                   _f32(w_pre2), _f32(scale), ctypes.c_float(root), ctypes.c_float(eps), *map(_p, outs))
+    return tuple(outs)
+
+
+def _ffn_tail(x, h1, h2, w1, w2, w, scalar, eps):
+    lib = _STATE.get("fn") or _bind()
+    D = x.shape[-1]
+    if lib is None or not lib.dg_norm_ok(D) or h1.shape != x.shape or h2.shape != x.shape or scalar.numel() != 1:
+        raise RuntimeError("dgemma::ffn_tail: unsupported shape or no native library")
+    x, h1, h2 = x.contiguous(), h1.contiguous(), h2.contiguous()
+    out = torch.empty(x.shape, dtype=torch.float32)
+    lib.dg_ffn_tail(_f32(x), _f32(h1), _f32(h2), ctypes.c_int64(x.numel() // D), ctypes.c_int64(D), _f32(w1),
+                    _f32(w2), _f32(w), ctypes.c_float(float(scalar)), ctypes.c_float(eps), _p(out))
+    return out
+
+
+_LIB.define("pre_ffn(Tensor x, Tensor o, Tensor w_pa, Tensor w_pre, Tensor w_pre2, Tensor scale, float root, "
+            "float eps) -> (Tensor, Tensor, Tensor, Tensor)")
+_LIB.impl("pre_ffn", _pre_ffn, "CPU")
+_LIB.define("ffn_tail(Tensor x, Tensor h1, Tensor h2, Tensor w1, Tensor w2, Tensor w, Tensor scalar, float eps) "
+            "-> Tensor")
+_LIB.impl("ffn_tail", _ffn_tail, "CPU")
+
+
+def layer_glue_usable(x: torch.Tensor, D: int) -> bool:
+    """Can `pre_ffn` and `ffn_tail` stand in for the norms and residual adds around a layer's FFN on x (rows of D,
+    given as an int: while tracing, x's sizes are tensors)?"""
+    if not (layers.native_active() and x.device.type == "cpu" and x.dtype == torch.float32
+            and not torch.is_grad_enabled()):
+        return False
+    lib = _STATE.get("fn") or _bind()
+    return lib is not None and bool(lib.dg_norm_ok(D))
+
+
 def transpose_usable(x: torch.Tensor) -> bool:
     """Can `transpose_div` bring the weight-first head product back (CPU fp32, no gradients, the library built)?
     Its numbers are a copy and one IEEE division, the same as torch's; the trace check confirms it as for the rest."""
