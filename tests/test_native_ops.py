@@ -235,3 +235,44 @@ def test_the_trace_holds_the_layer_glue(model, monkeypatch):
     graph = str(fn.inlined_graph)
     L = model.backbone.cfg.num_hidden_layers
     assert graph.count("dgemma::pre_ffn") == L and graph.count("dgemma::ffn_tail") == L
+
+
+@needs_native
+@torch.no_grad()
+def test_qkv_post_equals_the_torch_norms_and_rope(model):
+    """q/k norms with RoPE and the weightless v norm, on sliding layers (own v) and full ones (V = K, partial RoPE),
+    for a batch of two: the same bits and the same strides as the torch path."""
+    import copy
+
+    from dgemma.model import layers
+
+    bb = copy.deepcopy(model.backbone)
+    g = torch.Generator().manual_seed(6)
+    seen = set()
+    for li, layer in enumerate(bb.layers):
+        at = layer.self_attn
+        at.q_norm.weight.copy_(torch.randn(at.head_dim, generator=g))
+        at.k_norm.weight.copy_(torch.randn(at.head_dim, generator=g))
+        t = bb.cfg.layer_types[li]
+        cos, sin = bb._rope(torch.arange(37, 53))[t]
+        x = torch.randn(2, 16, bb.cfg.hidden_size, generator=g) * 3
+        want = at.qkv(x, cos, sin)
+        with layers.native_cpu_ops(32):
+            got = at.qkv(x, cos, sin)
+        for a, b in zip(want, got):
+            assert torch.equal(a, b) and a.stride() == b.stride(), (li, t)
+        seen.add((t, at.v_proj is None))
+    assert seen == {("sliding_attention", False), ("full_attention", True)}
+
+
+@needs_native
+@torch.no_grad()
+def test_the_trace_holds_qkv_post(model, monkeypatch):
+    want, outs, fns = _traced_once(model.backbone, monkeypatch)
+    assert all(torch.equal(o, want) for o in outs)
+    (fn,) = fns
+    # heads of whole blocks of 32 only: tiny's full layers (32) take it, its sliding ones (16) keep torch's ops
+    cfg = model.backbone.cfg
+    fits = [i for i in range(cfg.num_hidden_layers) if cfg.layer_head_dim(i) % 32 == 0]
+    assert 0 < len(fits) < cfg.num_hidden_layers
+    assert str(fn.inlined_graph).count("dgemma::qkv_post") == len(fits)

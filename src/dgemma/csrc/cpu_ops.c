@@ -253,3 +253,35 @@ void dg_ffn_tail(const float *x, const float *h1, const float *h2, int64_t rows,
             _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_add_ps(_mm256_loadu_ps(xr + i), _mm256_loadu_ps(o + i)), sv));
     }
 }
+
+/* After the q/k/v projections of one attention layer: per head, q and k through their RMSNorm (with weight) and
+ * RoPE, v through the weightless RMSNorm (on full layers V is the raw k). RoPE is ATen's x·cos + rot(x)·sin with
+ * rot([a, b]) = [-b, a]: two products and a sum, each rounded. q [R, nh, d], k/v [R, g, d] with R = B·S rows;
+ * cos/sin [S, d] indexed by r % S; v may be NULL (then V = the raw k). d % 32 == 0, d < 512. */
+static void norm_rope(const float *x, int64_t d, const float *w, float eps, const float *c, const float *s,
+                      float *out) {
+    float h[512];
+    scale_row(x, d, inv_rms(x, d, eps), w, h);
+    const int64_t half = d / 2;
+    for (int64_t i = 0; i < d; i += 8) {
+        __m256 rot = i < half ? _mm256_sub_ps(_mm256_setzero_ps(), _mm256_loadu_ps(h + i + half))
+                              : _mm256_loadu_ps(h + i - half);
+        __m256 y = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(h + i), _mm256_loadu_ps(c + i)),
+                                 _mm256_mul_ps(rot, _mm256_loadu_ps(s + i)));
+        _mm256_storeu_ps(out + i, y);
+    }
+}
+
+void dg_qkv_post(const float *q, const float *k, const float *v, int64_t R, int64_t S, int64_t nh, int64_t g,
+                 int64_t d, const float *cos, const float *sin, const float *wq, const float *wk, float eps, float *qo,
+                 float *ko, float *vo) {
+    for (int64_t r = 0; r < R; r++) {
+        const float *c = cos + (r % S) * d, *s = sin + (r % S) * d;
+        for (int64_t h = 0; h < nh; h++) norm_rope(q + (r * nh + h) * d, d, wq, eps, c, s, qo + (r * nh + h) * d);
+        for (int64_t h = 0; h < g; h++) {
+            const float *kr = k + (r * g + h) * d, *vr = v ? v + (r * g + h) * d : kr;
+            norm_rope(kr, d, wk, eps, c, s, ko + (r * g + h) * d);
+            scale_row(vr, d, inv_rms(vr, d, eps), 0, vo + (r * g + h) * d);
+        }
+    }
+}

@@ -171,6 +171,13 @@ class Attention(nn.Module):
     def qkv_post(self, q: torch.Tensor, k_raw: torch.Tensor, v_raw: torch.Tensor | None, cos: torch.Tensor,
                  sin: torch.Tensor):
         """Projected q [B,S,nh·d], k/v [B,S,g·d] (v None on full layers: V = K) -> normed, rotated, head-major."""
+        if _LAYOUT.native and cos.dim() == 2:
+            from . import native_ops
+
+            if native_ops.layer_glue_usable(q, self.head_dim) and self.q_norm.eps == self.k_norm.eps == self.eps:
+                q, k, v = torch.ops.dgemma.qkv_post(q, k_raw, v_raw, cos, sin, self.q_norm.weight,
+                                                    self.k_norm.weight, self.n_heads, self.n_kv, self.eps)
+                return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q = q.unflatten(-1, (self.n_heads, self.head_dim))  # constant sizes: nothing for a trace to read back
         q = apply_rope(self.q_norm(q), cos, sin).transpose(1, 2)
         k_raw = k_raw.unflatten(-1, (self.n_kv, self.head_dim))

@@ -183,6 +183,29 @@ _LIB.define("ffn_tail(Tensor x, Tensor h1, Tensor h2, Tensor w1, Tensor w2, Tens
 _LIB.impl("ffn_tail", _ffn_tail, "CPU")
 
 
+def _qkv_post(q, k, v, cos, sin, wq, wk, nh, g, eps):
+    lib = _STATE.get("fn") or _bind()
+    B, S = q.shape[0], q.shape[1]
+    d = q.shape[-1] // nh
+    if (lib is None or not lib.dg_norm_ok(d) or cos.dim() != 2 or tuple(cos.shape) != (S, d) or sin.shape != cos.shape
+            or k.shape[-1] != g * d or (v is not None and v.shape != k.shape)):
+        raise RuntimeError("dgemma::qkv_post: unsupported shape or no native library")
+    q, k, cos, sin = q.contiguous(), k.contiguous(), cos.contiguous(), sin.contiguous()
+    v = v.contiguous() if v is not None else None
+    qo = torch.empty(B, S, nh, d, dtype=torch.float32)
+    ko = torch.empty(B, S, g, d, dtype=torch.float32)
+    vo = torch.empty(B, S, g, d, dtype=torch.float32)
+    lib.dg_qkv_post(_f32(q), _f32(k), _f32(v) if v is not None else None, ctypes.c_int64(B * S), ctypes.c_int64(S),
+                    ctypes.c_int64(nh), ctypes.c_int64(g), ctypes.c_int64(d), _f32(cos), _f32(sin), _f32(wq),
+                    _f32(wk), ctypes.c_float(eps), _p(qo), _p(ko), _p(vo))
+    return qo, ko, vo
+
+
+_LIB.define("qkv_post(Tensor q, Tensor k, Tensor? v, Tensor cos, Tensor sin, Tensor wq, Tensor wk, int nh, int g, "
+            "float eps) -> (Tensor, Tensor, Tensor)")
+_LIB.impl("qkv_post", _qkv_post, "CPU")
+
+
 def layer_glue_usable(x: torch.Tensor, D: int) -> bool:
     """Can `pre_ffn` and `ffn_tail` stand in for the norms and residual adds around a layer's FFN on x (rows of D,
     given as an int: while tracing, x's sizes are tensors)?"""
