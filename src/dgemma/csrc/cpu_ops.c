@@ -235,10 +235,10 @@ void dg_pre_ffn(const float *x, const float *o, int64_t rows, int64_t D, const f
     }
 }
 
-/* The end of a layer: out = (x + norm_post(norm_post1(h1) + norm_post2(h2))) · scalar. All [rows, D]. */
+/* The end of a layer: out = (x + norm_post(norm_post1(h1) + norm_post2(h2))) · scalar[0]. All [rows, D]. */
 void dg_ffn_tail(const float *x, const float *h1, const float *h2, int64_t rows, int64_t D, const float *w1,
-                 const float *w2, const float *w, float scalar, float eps, float *out) {
-    const __m256 sv = _mm256_set1_ps(scalar);
+                 const float *w2, const float *w, const float *scalar, float eps, float *out) {
+    const __m256 sv = _mm256_set1_ps(*scalar);
     for (int64_t t = 0; t < rows; t++) {
         const float *a = h1 + t * D, *b = h2 + t * D, *xr = x + t * D;
         float *o = out + t * D;

@@ -47,7 +47,7 @@ def _bind():
                 if sgemm is not None and tanh8 is not None:
                     addr = ctypes.cast
                     lib.dg_moe_bind(addr(sgemm, ctypes.c_void_p), addr(tanh8, ctypes.c_void_p))
-                    lib.dg_moe.restype = ctypes.c_int
+                    _declare(lib)
                     fn = lib
     except (OSError, AttributeError, RuntimeError):
         fn = None
@@ -55,6 +55,20 @@ def _bind():
     _STATE.setdefault("checked", {})
     _STATE.setdefault("safe", {})
     return fn
+
+
+def _declare(lib) -> None:
+    """Argument types, so that calls pass Python ints (pointers, sizes) and floats without wrapping each one."""
+    V, I64, F, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    sigs = {"dg_moe": ([V, I, I, I, V, V, I, V, V, V, I, V, V, V, I], I),
+            "dg_transpose_div": ([V, I64, I64, F, V, I], None),
+            "dg_pre_ffn": ([V, V, I64, I64, V, V, V, V, F, F, V, V, V, V], None),
+            "dg_ffn_tail": ([V, V, V, I64, I64, V, V, V, V, F, V], None),
+            "dg_qkv_post": ([V, V, V, I64, I64, I64, I64, I64, V, V, V, V, F, V, V, V], None),
+            "dg_norm_ok": ([I64], I)}
+    for name, (args, res) in sigs.items():
+        f = getattr(lib, name)
+        f.argtypes, f.restype = args, res
 
 
 def _p(t: torch.Tensor) -> ctypes.c_void_p:
@@ -109,8 +123,9 @@ def _run(lib, x, perm, counts, weights, gate_up, down) -> torch.Tensor:
     safe = _safe_table(lib, H, I, S)
     out = torch.empty(T, H, dtype=torch.float32)
     ws = torch.empty(S * (2 * H + 3 * I), dtype=torch.float32)
-    r = lib.dg_moe(_p(x), T, H, K, _p(perm), _p(counts), E, _p(weights), _p(gate_up), _p(down), I, safe, _p(out),
-                   _p(ws), torch.get_num_threads())
+    r = lib.dg_moe(x.data_ptr(), T, H, K, perm.data_ptr(), counts.data_ptr(), E, weights.data_ptr(),
+                   gate_up.data_ptr(), down.data_ptr(), I, ctypes.addressof(safe), out.data_ptr(), ws.data_ptr(),
+                   torch.get_num_threads())
     if r != 0:
         raise RuntimeError("dgemma: native experts refused this shape")
     return out
@@ -133,8 +148,7 @@ def _transpose_div(x, d):
     x = x.contiguous()
     V, N = x.shape
     out = torch.empty(N, V, dtype=torch.float32)
-    lib.dg_transpose_div(_p(x), ctypes.c_int64(V), ctypes.c_int64(N), ctypes.c_float(d), _p(out),
-                         torch.get_num_threads())
+    lib.dg_transpose_div(x.data_ptr(), V, N, d, out.data_ptr(), torch.get_num_threads())
     return out
 
 
@@ -145,33 +159,35 @@ _LIB.define("transpose_div(Tensor x, float d) -> Tensor")  # out[n, v] = x[v, n]
 _LIB.impl("transpose_div", _transpose_div, "CPU")
 
 
-def _f32(t: torch.Tensor) -> ctypes.c_void_p:
-    if t.dtype != torch.float32 or t.device.type != "cpu":
-        raise RuntimeError("dgemma's layer operators take CPU float32 tensors")
-    return _p(t)
+_F32 = torch.float32
+
+
+def _all_f32(*ts: torch.Tensor) -> bool:
+    return all(t.dtype is _F32 and t.device.type == "cpu" for t in ts)
 
 
 def _pre_ffn(x, o, w_pa, w_pre, w_pre2, scale, root, eps):
     lib = _STATE.get("fn") or _bind()
     D = x.shape[-1]
-    if lib is None or not lib.dg_norm_ok(D) or o.shape != x.shape:
-        raise RuntimeError("dgemma::pre_ffn: unsupported shape or no native library")
+    if lib is None or D % 32 or D >= 512 or o.shape != x.shape or not _all_f32(x, o, w_pa, w_pre, w_pre2, scale):
+        raise RuntimeError("dgemma::pre_ffn: unsupported shape or dtype, or no native library")
     x, o = x.contiguous(), o.contiguous()
-    outs = [torch.empty(x.shape, dtype=torch.float32) for _ in range(4)]
-    lib.dg_pre_ffn(_f32(x), _f32(o), ctypes.c_int64(x.numel() // D), ctypes.c_int64(D), _f32(w_pa), _f32(w_pre),
-                   _f32(w_pre2), _f32(scale), ctypes.c_float(root), ctypes.c_float(eps), *map(_p, outs))
+    outs = [torch.empty(x.shape, dtype=_F32) for _ in range(4)]
+    lib.dg_pre_ffn(x.data_ptr(), o.data_ptr(), x.numel() // D, D, w_pa.data_ptr(), w_pre.data_ptr(),
+                   w_pre2.data_ptr(), scale.data_ptr(), root, eps, *[t.data_ptr() for t in outs])
     return tuple(outs)
 
 
 def _ffn_tail(x, h1, h2, w1, w2, w, scalar, eps):
     lib = _STATE.get("fn") or _bind()
     D = x.shape[-1]
-    if lib is None or not lib.dg_norm_ok(D) or h1.shape != x.shape or h2.shape != x.shape or scalar.numel() != 1:
-        raise RuntimeError("dgemma::ffn_tail: unsupported shape or no native library")
-    x, h1, h2 = x.contiguous(), h1.contiguous(), h2.contiguous()
-    out = torch.empty(x.shape, dtype=torch.float32)
-    lib.dg_ffn_tail(_f32(x), _f32(h1), _f32(h2), ctypes.c_int64(x.numel() // D), ctypes.c_int64(D), _f32(w1),
-                    _f32(w2), _f32(w), ctypes.c_float(float(scalar)), ctypes.c_float(eps), _p(out))
+    if (lib is None or D % 32 or D >= 512 or h1.shape != x.shape or h2.shape != x.shape or scalar.numel() != 1
+            or not _all_f32(x, h1, h2, w1, w2, w, scalar)):
+        raise RuntimeError("dgemma::ffn_tail: unsupported shape or dtype, or no native library")
+    x, h1, h2, scalar = x.contiguous(), h1.contiguous(), h2.contiguous(), scalar.contiguous()
+    out = torch.empty(x.shape, dtype=_F32)
+    lib.dg_ffn_tail(x.data_ptr(), h1.data_ptr(), h2.data_ptr(), x.numel() // D, D, w1.data_ptr(), w2.data_ptr(),
+                    w.data_ptr(), scalar.data_ptr(), eps, out.data_ptr())
     return out
 
 
@@ -187,17 +203,18 @@ def _qkv_post(q, k, v, cos, sin, wq, wk, nh, g, eps):
     lib = _STATE.get("fn") or _bind()
     B, S = q.shape[0], q.shape[1]
     d = q.shape[-1] // nh
-    if (lib is None or not lib.dg_norm_ok(d) or cos.dim() != 2 or tuple(cos.shape) != (S, d) or sin.shape != cos.shape
-            or k.shape[-1] != g * d or (v is not None and v.shape != k.shape)):
-        raise RuntimeError("dgemma::qkv_post: unsupported shape or no native library")
+    if (lib is None or d % 32 or d >= 512 or cos.dim() != 2 or tuple(cos.shape) != (S, d) or sin.shape != cos.shape
+            or k.shape[-1] != g * d or (v is not None and v.shape != k.shape) or not _all_f32(q, k, cos, sin, wq, wk)
+            or (v is not None and not _all_f32(v))):
+        raise RuntimeError("dgemma::qkv_post: unsupported shape or dtype, or no native library")
     q, k, cos, sin = q.contiguous(), k.contiguous(), cos.contiguous(), sin.contiguous()
     v = v.contiguous() if v is not None else None
-    qo = torch.empty(B, S, nh, d, dtype=torch.float32)
-    ko = torch.empty(B, S, g, d, dtype=torch.float32)
-    vo = torch.empty(B, S, g, d, dtype=torch.float32)
-    lib.dg_qkv_post(_f32(q), _f32(k), _f32(v) if v is not None else None, ctypes.c_int64(B * S), ctypes.c_int64(S),
-                    ctypes.c_int64(nh), ctypes.c_int64(g), ctypes.c_int64(d), _f32(cos), _f32(sin), _f32(wq),
-                    _f32(wk), ctypes.c_float(eps), _p(qo), _p(ko), _p(vo))
+    qo = torch.empty(B, S, nh, d, dtype=_F32)
+    ko = torch.empty(B, S, g, d, dtype=_F32)
+    vo = torch.empty(B, S, g, d, dtype=_F32)
+    lib.dg_qkv_post(q.data_ptr(), k.data_ptr(), v.data_ptr() if v is not None else None, B * S, S, nh, g, d,
+                    cos.data_ptr(), sin.data_ptr(), wq.data_ptr(), wk.data_ptr(), eps, qo.data_ptr(), ko.data_ptr(),
+                    vo.data_ptr())
     return qo, ko, vo
 
 
