@@ -21,7 +21,11 @@
  *    tanh from torch's own library; rows of `inter` elements with inter % 16 == 0, so ATen's loop never takes its
  *    scalar tail (the caller checks);
  *  - the weighting is one fp32 product and the slot sum accumulates from 0 in slot order, as ATen's reduction over
- *    a middle dimension does.
+ *    a middle dimension does for these shapes (it interleaves partial sums in the columns past the last whole
+ *    block of 32 when K > 4, so the caller's self-check refuses such shapes).
+ *
+ * 2. dg_transpose_div: the tied head's weight-first product brought back to [N, V] (below).
+ * 3. dg_pre_ffn, dg_ffn_tail, dg_qkv_post: a layer's RMSNorms, RoPE and residual adds (below).
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -96,12 +100,15 @@ int dg_moe(const float *x, int T, int H, int K, const int64_t *perm, const int64
     float *scratch = ws + S * H;
     int64_t s = 0;
     for (int e = 0; e < E; e++) {
+        if (counts[e] < 0) return -1;
         start[e] = s;
         s += counts[e];
     }
     if (s != S) return -1;
-    /* experts whose row count gives the same bits on one thread: spread over the threads, largest first taken by
-     * whichever thread is free (dynamic schedule over a fixed order; the bits do not depend on who runs what) */
+    for (int64_t r = 0; r < S; r++)
+        if (perm[r] < 0 || perm[r] >= S) return -1;
+    /* experts whose row count gives the same bits on one thread: spread over the threads, each taken in expert order
+     * by whichever thread is free (the bits do not depend on who runs what) */
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
     for (int e = 0; e < E; e++) {
         int n = (int)counts[e];
@@ -139,7 +146,6 @@ void dg_linear(const float *X, int n, int K, const float *W, int N, float *C, in
     }
 }
 
-void dg_gelu_mul(const float *g, const float *u, float *out, int n) { gelu_mul(g, u, out, n); }
 
 /* 2. dg_transpose_div: out[n, v] = in[v, n] / d for in [V, N] row-major, out [N, V] row-major.
  * The tied head's product is taken weight-first ([V, N], faster in MKL at batch 1) and must come back as [N, V] for
@@ -183,7 +189,8 @@ void dg_transpose_div(const float *in, int64_t V, int64_t N, float d, float *out
 /* 3. Layer glue: the residual adds and the RMSNorms around the FFN of a layer, as model/layers.py computes them
  * through ATen, fused into two calls (about twenty traced ATen calls each).
  * An RMSNorm row is x · (mean(x²) + eps)^-½ [· w] in fp32. ATen's mean is the sum of the squares divided by D; its
- * sum over a contiguous row of D floats (D % 32 == 0 and D / 32 < 16: no cascade level) keeps 4 accumulators of 8
+ * sum over a contiguous row of D floats (D % 32 == 0 and D <= 512: at most 16 blocks, where ATen's first cascade
+ * level only moves the block sums onto zeros, the same values) keeps 4 accumulators of 8
  * lanes over blocks of 32 elements, adds them as ((a0 + a1) + a2) + a3 and then the 8 lanes in order onto 0.
  * x^-½ is 1 / sqrt(x) in ATen: one rounding each. Every product and sum here is its own rounding, as in ATen. */
 static float inv_rms(const float *x, int64_t D, float eps) {
@@ -212,8 +219,6 @@ static void scale_row(const float *x, int64_t D, float r, const float *w, float 
         _mm256_storeu_ps(out + i, y);
     }
 }
-
-int dg_norm_ok(int64_t D) { return D > 0 && D % 32 == 0 && D / 32 < 16; }
 
 /* After attention: x2 = x + norm_pa(o); n1 = norm_pre(x2); n2 = norm_pre2(x2); r = (norm∅(x2) · scale) · root
  * (the router's input). All [rows, D]. */
@@ -257,14 +262,14 @@ void dg_ffn_tail(const float *x, const float *h1, const float *h2, int64_t rows,
 /* After the q/k/v projections of one attention layer: per head, q and k through their RMSNorm (with weight) and
  * RoPE, v through the weightless RMSNorm (on full layers V is the raw k). RoPE is ATen's x·cos + rot(x)·sin with
  * rot([a, b]) = [-b, a]: two products and a sum, each rounded. q [R, nh, d], k/v [R, g, d] with R = B·S rows;
- * cos/sin [S, d] indexed by r % S; v may be NULL (then V = the raw k). d % 32 == 0, d < 512. */
+ * cos/sin [S, d] indexed by r % S; v may be NULL (then V = the raw k). d % 32 == 0, d <= 512. */
 static void norm_rope(const float *x, int64_t d, const float *w, float eps, const float *c, const float *s,
                       float *out) {
     float h[512];
     scale_row(x, d, inv_rms(x, d, eps), w, h);
     const int64_t half = d / 2;
     for (int64_t i = 0; i < d; i += 8) {
-        __m256 rot = i < half ? _mm256_sub_ps(_mm256_setzero_ps(), _mm256_loadu_ps(h + i + half))
+        __m256 rot = i < half ? _mm256_xor_ps(_mm256_loadu_ps(h + i + half), _mm256_set1_ps(-0.0f)) /* torch's neg */
                               : _mm256_loadu_ps(h + i - half);
         __m256 y = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(h + i), _mm256_loadu_ps(c + i)),
                                  _mm256_mul_ps(rot, _mm256_loadu_ps(s + i)));

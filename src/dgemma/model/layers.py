@@ -46,18 +46,36 @@ class _Layout(threading.local):
 _LAYOUT = _Layout()
 
 
+def gelu_all_vector(numel: int) -> bool:
+    """Does ATen's GELU over `numel` elements (rows of a multiple of 16) take its vector path for every element?
+    Its CPU kernel splits work over threads above 16,384 elements with a grain of numel / threads; each piece is
+    vectorised in blocks of 16 with a scalar tail (another tanh), so every piece must be a multiple of 16. Where it
+    is, the GELU's bits do not depend on where an element sits, which the weight-first MLP and the native experts
+    rely on."""
+    if numel % 16:
+        return False
+    nt = torch.get_num_threads()
+    grain = numel // nt if numel > 16384 else 32768
+    if nt == 1 or numel <= grain:
+        return True
+    threads = min(nt, -(-numel // grain))
+    return (-(-numel // threads)) % 16 == 0
+
+
 @contextmanager
-def feature_major_products():
-    """While active (in this thread), inference matrix products with the weight as the left operand, W·xᵀ, where
-    MKL is faster at batch 1 (the tied head: [V, H]·[H, 64] took 1.6 ms against 2.3-3.6 ms for x·Wᵀ on this 2-core
-    VM). Every output is the same K-long dot product, and MKL gives the same bits in both orientations here, but that
-    is a property of the BLAS, not a guarantee: only the CPU trace uses it, and a trace is kept only if its logits
-    equal the eager pass's (model/traced.py), which takes the reference's orientation."""
-    old, _LAYOUT.feature_major = _LAYOUT.feature_major, True
+def feature_major_products(tokens: int | None = None):
+    """While active (in this thread), inference matrix products of the tied head and the dense MLPs with the weight as
+    the left operand, W·xᵀ, where MKL is faster at batch 1 (the head: [V, H]·[H, 64] took 1.6 ms against 2.3-3.6 ms
+    for x·Wᵀ on this 2-core VM). Every output is the same K-long dot product, and MKL gives the same bits in both
+    orientations here, but that is a property of the BLAS, not a guarantee: only the CPU trace uses it, and a trace
+    is kept only if its logits equal the eager pass's (model/traced.py), which takes the reference's orientation.
+    tokens: the tokens per pass, for a pass being traced (whose sizes the tracer hands out as tensors)."""
+    old = _LAYOUT.feature_major, _LAYOUT.tokens
+    _LAYOUT.feature_major, _LAYOUT.tokens = True, tokens if tokens is not None else _LAYOUT.tokens
     try:
         yield
     finally:
-        _LAYOUT.feature_major = old
+        _LAYOUT.feature_major, _LAYOUT.tokens = old
 
 
 def feature_major() -> bool:
@@ -71,12 +89,13 @@ def native_active() -> bool:
 @contextmanager
 def native_cpu_ops(tokens: int | None = None):
     """While active (in this thread), inference on the CPU uses dgemma's native operators (model/native_ops.py)
-    where they are usable: the MoE experts spread over threads, and the head's transposing copy, with torch's bits.
+    where they are usable: the MoE experts spread over threads, the head's transposing copy and a layer's norms,
+    RoPE and residual adds, with torch's bits.
     Like `feature_major_products`, only the CPU trace uses it, and keeps a trace only if it gives the eager pass's
     logits.
     tokens: the tokens per pass, for a pass being traced (whose sizes the tracer hands out as tensors)."""
     old = _LAYOUT.native, _LAYOUT.tokens
-    _LAYOUT.native, _LAYOUT.tokens = True, tokens
+    _LAYOUT.native, _LAYOUT.tokens = True, tokens if tokens is not None else _LAYOUT.tokens
     try:
         yield
     finally:
@@ -92,7 +111,9 @@ def gated_mlp(x: torch.Tensor, gate: nn.Linear, up: nn.Linear, down: nn.Linear) 
     weight-first with the activations feature-major in between ([I, N]: the GELU and the product are elementwise, so
     the layout does not change their bits), and one small transposing copy at the end; each GEMM is the same K-long
     dot product per output, which MKL gives the same bits here (checked by the trace, as for the head)."""
-    if _LAYOUT.feature_major and x.dtype == torch.float32 and not x.requires_grad:
+    n = _LAYOUT.tokens if _LAYOUT.tokens is not None or torch.jit.is_tracing() else x.numel() // x.shape[-1]
+    if (_LAYOUT.feature_major and x.dtype == torch.float32 and not x.requires_grad and n is not None
+            and gelu_all_vector(n * gate.out_features)):  # the GELU's bits must not depend on the layout
         xt = x.reshape(-1, x.shape[-1]).t()
         g = torch.mm(gate.weight, xt)
         a = gelu_tanh(g) * torch.mm(up.weight, xt)

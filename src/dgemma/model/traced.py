@@ -129,24 +129,26 @@ def run_denoise(bb: "Backbone", canvas: torch.Tensor, sc: torch.Tensor | None, s
 def _make(bb: "Backbone", key: tuple, args: tuple, eager_args: tuple):
     """Trace one signature and check it against eager on the same inputs. Returns (trace or False, logits).
 
-    Two exact speed-ups are tried first, each a property of this machine's libraries rather than a guarantee: the
-    head's product weight-first (`layers.feature_major_products`) and the experts in native code
-    (`layers.native_cpu_ops`, model/native_ops.py). A trace is kept only if its logits are the eager pass's bits;
-    otherwise the next variant is traced, down to the plain one."""
+    Two kinds of exact speed-up are tried first, each resting on properties of this machine's libraries rather than
+    a guarantee: the head's and dense MLPs' products weight-first (`layers.feature_major_products`) and dgemma's
+    native operators (`layers.native_cpu_ops`, model/native_ops.py). A trace is kept only if its logits are the
+    eager pass's bits; otherwise the next variant is traced, down to the plain one."""
     want = bb.denoise_body(*eager_args)
     if not _grouped_mm_fused(bb):
         return False, want  # the experts would run a Python loop over this input's routing: not traceable
     body = _Body(bb, key[0], key[1], key[2], len(eager_args[3]), len(eager_args[5]))
-    variants = ((True, True), (True, False), (False, False))  # (weight-first head, native experts)
+    tokens = eager_args[0].numel()
+    # (weight-first products, native operators)
+    variants = ((True, True), (False, True), (True, False), (False, False))
     for i, (weight_first, native) in enumerate(variants):
         last = i == len(variants) - 1
         try:
             with contextlib.ExitStack() as ctx:
                 if weight_first:
-                    ctx.enter_context(feature_major_products())
+                    ctx.enter_context(feature_major_products(tokens))
                 if native:
-                    ctx.enter_context(native_cpu_ops(eager_args[0].numel()))
-                    bb.denoise_body(*eager_args)  # runs the native experts' checks outside the tracer
+                    ctx.enter_context(native_cpu_ops(tokens))
+                    bb.denoise_body(*eager_args)  # runs the native operators' checks outside the tracer
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
                     fn = torch.jit.trace(body, args, check_trace=False)
