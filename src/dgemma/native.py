@@ -9,8 +9,8 @@ directory and file owned by the user and writable by nobody else.
 - `mt19937`: advances torch's CPU generator over a multinomial's draws, tempering only the rows that are used
   (see `csrc/mt19937.c` and `fastrand.py`).
 - `cpu_ops`: operators for the CPU trace of the decoder pass: a MoE layer's experts spread over OpenMP threads,
-  calling torch's own MKL and SLEEF, and the tied head's transposing copy (AVX2 only; see `csrc/cpu_ops.c` and
-  `model/native_ops.py`).
+  calling torch's own MKL and SLEEF, the tied head's transposing copy, and a layer's RMSNorms, RoPE and residual
+  adds (AVX2 only; see `csrc/cpu_ops.c` and `model/native_ops.py`).
 """
 
 from __future__ import annotations
