@@ -63,6 +63,22 @@ def gelu_all_vector(numel: int) -> bool:
 
 
 @contextmanager
+def _layout(tokens: int | None, **flags: bool):
+    """Set this thread's flags (and the token count, when given) for the duration."""
+    names = list(flags) + ["tokens"]
+    old = [getattr(_LAYOUT, n) for n in names]
+    for n, v in flags.items():
+        setattr(_LAYOUT, n, v)
+    if tokens is not None:
+        _LAYOUT.tokens = tokens
+    try:
+        yield
+    finally:
+        for n, v in zip(names, old):
+            setattr(_LAYOUT, n, v)
+
+
+@contextmanager
 def feature_major_products(tokens: int | None = None):
     """While active (in this thread), inference matrix products of the tied head and the dense MLPs with the weight as
     the left operand, W·xᵀ, where MKL is faster at batch 1 (the head: [V, H]·[H, 64] took 1.6 ms against 2.3-3.6 ms
@@ -70,12 +86,8 @@ def feature_major_products(tokens: int | None = None):
     orientations here, but that is a property of the BLAS, not a guarantee: only the CPU trace uses it, and a trace
     is kept only if its logits equal the eager pass's (model/traced.py), which takes the reference's orientation.
     tokens: the tokens per pass, for a pass being traced (whose sizes the tracer hands out as tensors)."""
-    old = _LAYOUT.feature_major, _LAYOUT.tokens
-    _LAYOUT.feature_major, _LAYOUT.tokens = True, tokens if tokens is not None else _LAYOUT.tokens
-    try:
+    with _layout(feature_major=True, tokens=tokens):
         yield
-    finally:
-        _LAYOUT.feature_major, _LAYOUT.tokens = old
 
 
 def feature_major() -> bool:
@@ -94,12 +106,8 @@ def native_cpu_ops(tokens: int | None = None):
     Like `feature_major_products`, only the CPU trace uses it, and keeps a trace only if it gives the eager pass's
     logits.
     tokens: the tokens per pass, for a pass being traced (whose sizes the tracer hands out as tensors)."""
-    old = _LAYOUT.native, _LAYOUT.tokens
-    _LAYOUT.native, _LAYOUT.tokens = True, tokens if tokens is not None else _LAYOUT.tokens
-    try:
+    with _layout(native=True, tokens=tokens):
         yield
-    finally:
-        _LAYOUT.native, _LAYOUT.tokens = old
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
