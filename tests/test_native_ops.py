@@ -291,3 +291,34 @@ def test_qkv_post_equals_the_torch_norms_and_rope():
     assert seen == {("sliding_attention", False, 64), ("full_attention", True, 128)}
 
 
+
+
+@needs_native
+def test_operators_refuse_bad_inputs_with_a_clear_error():
+    """The operators are registered process-wide: malformed inputs get an error naming what is expected, never a
+    read past a buffer."""
+    ex = _experts(4, 64, 32)
+    x = torch.randn(8, 64)
+    w, idx = _routing(8, 4, 2)
+    sorted_ids, perm = torch.sort(idx.reshape(-1))
+    counts = torch.bincount(sorted_ids, minlength=4)
+    op = torch.ops.dgemma
+    with pytest.raises(RuntimeError, match="perm hold slot ids below T\\*K"):
+        op.moe_experts(x, torch.full_like(perm, 10_000), counts, w, ex.gate_up_proj, ex.down_proj)
+    with pytest.raises(RuntimeError, match="counts must sum to T\\*K"):
+        op.moe_experts(x, perm, counts * 2, w, ex.gate_up_proj, ex.down_proj)
+    with pytest.raises(RuntimeError, match=r"gate_up \[E, 2I, H\]"):
+        op.moe_experts(x, perm, counts, w, ex.gate_up_proj[:, :, :8], ex.down_proj)
+    with pytest.raises(RuntimeError, match="takes a 2-D CPU float32 tensor"):
+        op.transpose_div(torch.randn(2, 3, 4), 30.0)
+    v48 = torch.ones(48)
+    with pytest.raises(RuntimeError, match="rows of a multiple of 32 up to 512"):
+        op.pre_ffn(torch.randn(2, 48), torch.randn(2, 48), v48, v48, v48, v48, 0.1, 1e-6)
+    v64 = torch.ones(64)
+    with pytest.raises(RuntimeError, match="weights of that size"):
+        op.ffn_tail(torch.randn(2, 64), torch.randn(2, 64), torch.randn(2, 64), v64, v64, torch.ones(32),
+                    torch.ones(1), 1e-6)
+    q = torch.randn(1, 4, 2 * 32)
+    with pytest.raises(RuntimeError, match=r"cos/sin \[S, d\]"):
+        op.qkv_post(q, torch.randn(1, 4, 32), None, torch.randn(5, 32), torch.randn(5, 32), torch.ones(32),
+                    torch.ones(32), 2, 1, 1e-6)

@@ -14,7 +14,8 @@ from torch import nn
 
 from ..config import SLIDING, TextConfig
 from .cache import KVCache
-from .layers import Layer, RMSNorm, feature_major, gated_mlp, rms_norm_noscale, rope_cos_sin, rope_inv_freq
+from .layers import (Layer, RMSNorm, feature_major, gated_mlp, rms_norm_noscale, rope_cos_sin, rope_inv_freq,
+                     token_major)
 from . import native_ops
 from .traced import run_denoise
 
@@ -218,8 +219,6 @@ def _head_feature_major(h: torch.Tensor, weight: torch.Tensor, softcap: float | 
     brought back to the usual contiguous [.., V] layout, on which `logits` applies the softcap. Returns (product,
     divided): with the native transposing copy (model/native_ops.py) the softcap's division is done on the way."""
     prod_t = torch.mm(weight, h.reshape(-1, h.shape[-1]).t())  # [V, N]
-    shape = h.shape[:-1] + (weight.shape[0],)
     if softcap and native_ops.transpose_usable(prod_t):
-        return torch.ops.dgemma.transpose_div(prod_t, float(softcap)).view(shape), True
-    view = prod_t.t().view(shape)
-    return torch.empty(view.shape, dtype=torch.float32, device=h.device).copy_(view), False
+        return torch.ops.dgemma.transpose_div(prod_t, float(softcap)).view(h.shape[:-1] + (weight.shape[0],)), True
+    return token_major(prod_t, h.shape[:-1]), False

@@ -125,9 +125,14 @@ def gated_mlp(x: torch.Tensor, gate: nn.Linear, up: nn.Linear, down: nn.Linear) 
         xt = x.reshape(-1, x.shape[-1]).t()
         g = torch.mm(gate.weight, xt)
         a = gelu_tanh(g) * torch.mm(up.weight, xt)
-        y = torch.mm(down.weight, a)  # [H, N]
-        return torch.empty(x.shape[:-1] + (y.shape[0],), dtype=y.dtype).copy_(y.t().view(x.shape[:-1] + (-1,)))
+        return token_major(torch.mm(down.weight, a), x.shape[:-1])  # [H, N] -> [.., H]
     return down(gelu_tanh(gate(x)) * up(x))
+
+
+def token_major(prod_t: torch.Tensor, lead: torch.Size) -> torch.Tensor:
+    """A weight-first product [F, N] back in the usual contiguous layout [*lead, F] (N = the product of lead)."""
+    view = prod_t.t().view(lead + (prod_t.shape[0],))
+    return torch.empty(view.shape, dtype=prod_t.dtype, device=prod_t.device).copy_(view)
 
 
 def rope_inv_freq(params: dict, head_dim: int) -> torch.Tensor:
@@ -398,4 +403,4 @@ def init_weights(module: nn.Module, std: float = 0.02, generator: torch.Generato
 
 
 __all__ = ["feature_major_products", "feature_major", "native_cpu_ops", "RMSNorm", "MLP", "Attention", "Router", "Experts", "Layer", "rope_inv_freq", "rope_cos_sin",
-           "apply_rope", "rms_norm_noscale", "gelu_tanh", "gated_mlp", "init_weights"]
+           "apply_rope", "rms_norm_noscale", "gelu_tanh", "gated_mlp", "token_major", "init_weights"]

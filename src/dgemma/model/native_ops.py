@@ -271,18 +271,22 @@ def _qkv_post(q, k, v, cos, sin, wq, wk, nh, g, eps):
     return qo, ko, vo
 
 
+def _ready(x: torch.Tensor) -> bool:
+    """Inside the trace's native variant, on a CPU fp32 tensor without gradients, with the library built?"""
+    return (layers.native_active() and x.device.type == "cpu" and x.dtype == _F32 and not torch.is_grad_enabled()
+            and (_STATE.get("fn") or _bind()) is not None)
+
+
 def layer_glue_usable(x: torch.Tensor, D: int) -> bool:
     """Can the norm operators (`qkv_post`, `pre_ffn`, `ffn_tail`) stand in for torch's on x with rows of D (an int:
     while tracing, x's sizes are tensors)?"""
-    return (layers.native_active() and x.device.type == "cpu" and x.dtype == _F32 and not torch.is_grad_enabled()
-            and norm_size_ok(D) and (_STATE.get("fn") or _bind()) is not None)
+    return norm_size_ok(D) and _ready(x)
 
 
 def transpose_usable(x: torch.Tensor) -> bool:
-    """Can `transpose_div` bring the weight-first head product back (CPU fp32, no gradients, the library built)?
-    Its numbers are a copy and one IEEE division, the same as torch's; the trace check confirms it as for the rest."""
-    return (layers.native_active() and x.device.type == "cpu" and x.dtype == _F32 and not torch.is_grad_enabled()
-            and (_STATE.get("fn") or _bind()) is not None)
+    """Can `transpose_div` bring the weight-first head product back? Its numbers are a copy and one IEEE division,
+    the same as torch's; the trace check confirms it as for the rest."""
+    return _ready(x)
 
 
 def _kernel(name: str):
