@@ -61,16 +61,19 @@ def test_outputs_whole_canvases_by_default_and_trim(spec):
     assert trimmed.finish_reasons == ["length"]
 
 
-def test_steps_per_canvas_and_callbacks(spec):
+@pytest.mark.parametrize("sampler", ["fast", "reference"])
+def test_steps_per_canvas_and_callbacks(spec, sampler):
     ids = torch.tensor([[5, 6, 7], [9, 10, 11]])
     steps, canvases = [], []
     out = spec.generate(ids, seed=2, max_new_tokens=24, confidence_threshold=0.5, eos_token_id=None,
-                        on_step=steps.append, on_canvas=canvases.append)
+                        on_step=steps.append, on_canvas=canvases.append, sampler=sampler)
     assert len(canvases) == out.num_canvases == 3
     per_row = torch.tensor(out.steps_per_canvas)
     assert per_row.shape == (2, 3)
-    # one on_step call per executed decoder pass; a canvas runs as long as its slowest row
-    assert len(steps) == int(per_row.max(dim=0).values.sum())
+    if sampler == "reference":  # one on_step call per decoder pass; a canvas runs as long as its slowest row
+        assert len(steps) == int(per_row.max(dim=0).values.sum())
+    else:  # rows run on their own: a row goes on with its next canvas as soon as its canvas commits
+        assert len(steps) == int(per_row.sum(dim=1).max())
     s = steps[0]
     assert s.draft.shape == s.canvas.shape == s.accepted.shape == s.entropy.shape == (2, 8)
     assert s.step == 1 and s.steps_remaining == 48 and abs(s.temperature - 0.8) < 1e-6
@@ -85,12 +88,12 @@ def test_revisions_count_self_correction(spec):
     ids = torch.tensor([[5, 6, 7]])
     # accept everything every step: every position is accepted at every step, so any change is a revision
     out = spec.generate(ids, seed=0, max_new_tokens=8, entropy_bound=1e9, eos_token_id=None,
-                        confidence_threshold=1e-9)
+                        confidence_threshold=1e-9, sampler="reference")
     assert out.revisions is not None and out.revisions.shape == (1,)
     assert out.revisions.item() > 0
     # accept (almost) only one token per step: tokens are still re-sampled, but far fewer positions are revisable
     few = spec.generate(ids, seed=0, max_new_tokens=8, entropy_bound=1e-9, eos_token_id=None,
-                        confidence_threshold=1e-9)
+                        confidence_threshold=1e-9, sampler="reference")
     assert few.revisions.item() < out.revisions.item()
 
 
@@ -182,7 +185,7 @@ def test_init_checkpoint_loads_in_transformers(tmp_path):
     ids = torch.tensor([ours.tokenizer.encode("The quick brown fox")])
     torch.manual_seed(7)
     r = ref.generate(ids, max_new_tokens=20)
-    o = ours.generate(ids, seed=7, max_new_tokens=20)
+    o = ours.generate(ids, seed=7, max_new_tokens=20, sampler="reference")
     assert torch.equal(r.sequences, o.sequences)
 
 

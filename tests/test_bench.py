@@ -30,7 +30,7 @@ def test_bench_end_to_end_with_reference(capsys, ckpt, tmp_path):
     pytest.importorskip("transformers")
     out_json = tmp_path / "bench.json"
     rc, out, err = run(capsys, "bench", "--model", ckpt, "--prompt-len", 8, "--new-tokens", 32, "--repeats", 1,
-                       "--json", out_json)
+                       "--sampler", "reference", "--json", out_json)
     assert rc == 0, err
     rep = json.loads(out_json.read_text())
     modes = [r["mode"] for r in rep["results"]]

@@ -68,7 +68,7 @@ def test_batch_invariance_equals_offline_generate(tiny, dtype, tmp_path):
         assert fin.token_ids == expected_tokens(model, prompt, p), f"request {i} differs from offline generate"
         assert fin.completion_tokens == len(fin.token_ids) <= p.max_tokens
         assert fin.prompt_tokens == len(prompt)
-    assert engine.pool.used == 0 and engine.pool.reserved == 0  # every block returned
+    assert engine.stats()["kv_blocks_used"] == 0 and len(engine.free_slots) == 16  # every slot returned
 
 
 def test_alone_or_among_others_identical(tiny):
@@ -116,15 +116,15 @@ def test_drafts_are_streamed_on_request(tiny):
     assert all(isinstance(d.draft_text, str) for d in drafts)
 
 
-def test_admission_waits_for_memory_and_refuses_impossible(tiny):
+def test_admission_waits_for_a_slot_and_refuses_impossible(tiny):
     per_tok = Engine(tiny).kv_bytes_per_token
     L = tiny.config.canvas_length
-    engine = Engine(tiny, max_num_seqs=8, kv_cache_bytes=per_tok * 16 * 6)  # 6 blocks of 16 tokens = 96 tokens
+    engine = Engine(tiny, max_num_seqs=2, kv_cache_bytes=per_tok * 96 * 2)  # two slots of 96 tokens
     with pytest.raises(RequestRefused, match=r"KV cache for 112 tokens .* holds 96"):
         engine.prepare(list(range(5, 53)), SamplingParams(max_tokens=4 * L))
     with pytest.raises(RequestRefused, match="context"):
         engine.prepare([5] * 4000, SamplingParams(max_tokens=200))
-    # three requests of 48 tokens each (3 blocks): only two fit at once, the third waits, then runs
+    # three requests, two slots: two run at once, the third waits, then runs
     reqs = [(list(range(5, 21)), SamplingParams(max_tokens=2 * L, seed=i, max_denoising_steps=3)) for i in range(3)]
     ev: dict[str, list] = {}
     for i, (pr, p) in enumerate(reqs):

@@ -99,7 +99,7 @@ def _compare_generate(ref, model, ids, seed, **kw):
         ref_kw["sampler_config"] = EntropyBoundSamplerConfig(entropy_bound=float(ref_kw.pop("entropy_bound")))
     torch.manual_seed(seed)
     r = ref.generate(ids, **ref_kw)
-    o = model.generate(ids, seed=seed, **kw)
+    o = model.generate(ids, seed=seed, sampler="reference", **kw)
     assert o.sequences.shape == r.sequences.shape, (o.sequences.shape, r.sequences.shape)
     assert torch.equal(o.sequences, r.sequences), f"seed {seed} {kw}: tokens differ"
     assert torch.equal(o.tokens_per_forward, r.tokens_per_forward), (o.tokens_per_forward, r.tokens_per_forward)
@@ -150,7 +150,7 @@ def test_generate_left_padded_batch(ckpt_factory, load_reference):
     for seed in (0, 5):
         torch.manual_seed(seed)
         r = ref.generate(ids, attention_mask=am, max_new_tokens=16)
-        o = model.generate(ids, am, seed=seed, max_new_tokens=16)
+        o = model.generate(ids, am, seed=seed, sampler="reference", max_new_tokens=16)
         assert torch.equal(o.sequences, r.sequences)
         assert torch.equal(o.tokens_per_forward, r.tokens_per_forward)
 
@@ -161,7 +161,7 @@ def test_generate_eos_inside_canvas(ckpt_factory, load_reference):
     path = ckpt_factory("spec")
     ref, model = load_reference(path), dgemma.load(path)
     ids = torch.randint(3, 256, (3, 10), generator=torch.Generator().manual_seed(11))
-    probe = model.generate(ids, seed=0, max_new_tokens=24, eos_token_id=None)
+    probe = model.generate(ids, seed=0, sampler="reference", max_new_tokens=24, eos_token_id=None)
     new = probe.sequences[:, 10:]
     # the token at position 3 of the first canvas of row 0 becomes an EOS id
     eos = sorted({int(new[0, 3]), 1})
@@ -204,8 +204,8 @@ def test_generate_bf16_token_exact(variant, ckpt_factory, load_reference):
 def test_generator_argument_and_determinism(ckpt_factory):
     model = dgemma.load(ckpt_factory("spec"))
     ids = torch.tensor([[5, 6, 7]])
-    a = model.generate(ids, seed=3, max_new_tokens=8)
-    b = model.generate(ids, generator=torch.Generator().manual_seed(3), max_new_tokens=8)
-    c = model.generate(ids, seed=4, max_new_tokens=8)
+    a = model.generate(ids, seed=3, max_new_tokens=8, sampler="reference")
+    b = model.generate(ids, generator=torch.Generator().manual_seed(3), max_new_tokens=8, sampler="reference")
+    c = model.generate(ids, seed=4, max_new_tokens=8, sampler="reference")
     assert torch.equal(a.sequences, b.sequences)
     assert not torch.equal(a.sequences, c.sequences)

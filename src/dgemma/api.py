@@ -11,7 +11,7 @@ import torch
 from . import checkpoint
 from .config import GenerationConfig, ModelConfig
 from .errors import CheckpointError, DGemmaError, UnsupportedInputError
-from .generate import CanvasInfo, GenerateOutput, StepInfo, generate, generate_ar
+from .generate import CanvasInfo, GenerateOutput, StepInfo, generate_ar, generate_fast, generate_reference
 from .model import Backbone
 
 UNSET: Any = type("Unset", (), {"__repr__": lambda self: "UNSET"})()
@@ -83,8 +83,9 @@ class DiffusionGemma:
         attention_mask: torch.Tensor | None = None,
         *,
         max_new_tokens: int | None = None,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         generator: torch.Generator | None = None,
+        sampler: str = "fast",
         max_denoising_steps: int | None = None,
         entropy_bound: float | None = None,
         t_min: float | None = None,
@@ -97,14 +98,20 @@ class DiffusionGemma:
         stop: str | Sequence[str] | None = None,
         on_step: Callable[[StepInfo], None] | None = None,
         on_canvas: Callable[[CanvasInfo], None] | None = None,
+        compile: bool | None = None,
     ) -> GenerateOutput:
-        """Generate with the reference's block-diffusion sampler.
+        """Generate with the block-diffusion sampler (spec §4).
+
+        sampler: "fast" (default) draws from the reference's distributions with a counter-based generator, each
+        row on its own (its tokens do not depend on the rest of the batch); "reference" is the transformers
+        algorithm and draw order: with default settings (no `trim`, no `stop`) on the CPU,
+        `generate(ids, seed=s, sampler="reference")` returns exactly the tokens of
+        `torch.manual_seed(s); reference.generate(ids)` (eager attention): whole canvases, padded after EOS.
+        seed: an int (every row), one int per row (fast), or None for a random one; `generator` (reference) a
+        torch.Generator instead. compile: fast sampler only; None = the device default (`step.compile_default`).
 
         Sampler settings left as None come from the checkpoint's generation_config.json, then the reference
         defaults. `eos_token_id` / `pad_token_id`: omitted = the checkpoint's; an explicit None disables them.
-
-        With default settings (no `trim`, no `stop`), `generate(ids, seed=s)` returns exactly the tokens of
-        `torch.manual_seed(s); reference.generate(ids)`: whole canvases, padded after EOS.
         Opt-in extras: `trim=True` cuts each row to exactly `max_new_tokens` new tokens; `stop` ends a row at the
         first occurrence of any stop string (tokens from there on become pad) and needs the tokenizer."""
         ids = self._as_batch(input_ids)
@@ -123,12 +130,14 @@ class DiffusionGemma:
         if pad_token_id is not UNSET:
             gcfg.pad_token_id = pad_token_id
         gcfg.validate()
-        if generator is None:
-            generator = torch.Generator(device=self.device)
-            if seed is None:
-                generator.seed()
-            else:
-                generator.manual_seed(int(seed))
+        if sampler not in ("fast", "reference"):
+            raise DGemmaError(f"unknown sampler {sampler!r}; expected 'fast' or 'reference'")
+        B = ids.shape[0]
+        seeds = _row_seeds(seed, B, generator)
+        if sampler == "reference" and generator is None:
+            if len(set(seeds)) > 1:
+                raise DGemmaError("the reference sampler takes one seed for the batch (one torch.Generator)")
+            generator = torch.Generator(device=self.device).manual_seed(seeds[0])
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         P0 = ids.shape[1]
         stopped: dict[int, int] = {}  # row -> number of new tokens kept
@@ -151,8 +160,12 @@ class DiffusionGemma:
                     on_canvas(info)
                 return len(stopped) == ids.shape[0]
 
-        out = generate(self.backbone, ids, gcfg, self.config.canvas_length, attention_mask, generator,
-                       on_step=on_step, on_canvas=canvas_cb)
+        if sampler == "reference":
+            out = generate_reference(self.backbone, ids, gcfg, self.config.canvas_length, attention_mask, generator,
+                                     on_step=on_step, on_canvas=canvas_cb)
+        else:
+            out = generate_fast(self.backbone, ids, gcfg, self.config.canvas_length, attention_mask, seeds,
+                                on_step=on_step, on_canvas=canvas_cb, compile=compile)
         if stopped:
             for b, keep in stopped.items():
                 out.sequences[b, P0 + keep:] = gcfg.pad_token_id
@@ -214,6 +227,21 @@ class DiffusionGemma:
              max_shard_bytes: int = 5 * 1024**3) -> None:
         """Write an HF-format DiffusionGemma directory that transformers and dgemma load."""
         save_model(self, Path(out_dir), dtype=dtype, max_shard_bytes=max_shard_bytes)
+
+
+def _row_seeds(seed: Any, rows: int, generator: torch.Generator | None) -> list[int]:
+    """One int seed per row from an int, a sequence of ints, a generator (its initial seed) or None (random)."""
+    if seed is None:
+        seed = generator.initial_seed() if generator is not None else int(torch.randint(0, 2**62, (1,)))
+    if isinstance(seed, (list, tuple)) or (isinstance(seed, torch.Tensor) and seed.dim() == 1):
+        seeds = [int(s) for s in seed]
+        if len(seeds) != rows:
+            raise DGemmaError(f"seed has {len(seeds)} entries for {rows} rows; expected one int or one per row")
+        return seeds
+    try:
+        return [int(seed)] * rows
+    except (TypeError, ValueError):
+        raise DGemmaError(f"seed={seed!r} is invalid; expected an int, one int per row, or None") from None
 
 
 def _stop_cut(tok: Any, tokens: list[int], stops: list[str], pad: int) -> int | None:

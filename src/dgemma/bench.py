@@ -55,8 +55,9 @@ class ModeResult:
     peak_mem_mb: float  # CUDA: max allocated during the mode (loaded models included); CPU: process peak RSS
     floor_ms: float | None = None
     floor_ratio: float | None = None
-    same_tokens: bool | None = None  # reference modes: identical to dgemma's tokens for the same seed
+    same_tokens: bool | None = None  # reference modes, dgemma's reference sampler: the same tokens for the seed
     runs_s: list[float] = field(default_factory=list)
+    warmup_s: float | None = None  # the untimed first run (with compile: compiling included)
 
 
 def _sync(dev: torch.device) -> None:
@@ -158,7 +159,8 @@ def _time_prefill(model: Any, ids: torch.Tensor, repeats: int) -> float:
     return statistics.median(times[1:]) * 1e3
 
 
-def _run_diffusion(model: Any, ids: torch.Tensor, mode: str, new_tokens: int, seed: int) -> tuple[dict, Any]:
+def _run_diffusion(model: Any, ids: torch.Tensor, mode: str, new_tokens: int, seed: int, sampler: str = "fast",
+                   compile: bool | None = None) -> tuple[dict, Any]:
     dev = model.device
     marks: list[tuple[str, int, float]] = []  # (kind, canvas index, time)
 
@@ -171,7 +173,8 @@ def _run_diffusion(model: Any, ids: torch.Tensor, mode: str, new_tokens: int, se
 
     _sync(dev)
     t0 = time.perf_counter()
-    out = model.generate(ids, seed=seed, on_step=on_step, on_canvas=on_canvas, **_gen_kwargs(mode, new_tokens))
+    out = model.generate(ids, seed=seed, on_step=on_step, on_canvas=on_canvas, sampler=sampler, compile=compile,
+                         **_gen_kwargs(mode, new_tokens))
     _sync(dev)
     total = time.perf_counter() - t0
     step_dts, prev = [], None
@@ -216,9 +219,17 @@ def _run_reference(ref: Any, ids: torch.Tensor, mode: str, new_tokens: int, seed
 
 
 def run_bench(model: Any, *, modes: list[str], prompt_len: int = 128, new_tokens: int = 256, batch: int = 1,
-              repeats: int = 2, seed: int = 0, reference: Any = None,
-              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Time each mode; returns {"env", "settings", "floor", "results": [ModeResult as dict, ...]}."""
+              repeats: int = 2, seed: int = 0, reference: Any = None, sampler: str = "fast",
+              compile: bool | None = None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Time each mode; returns {"env", "settings", "floor", "results": [ModeResult as dict, ...]}.
+
+    sampler: dgemma's sampler for the diffusion modes; `same_tokens` (vs the reference) is only defined for
+    "reference". compile: torch.compile the fast step (None: `step.compile_default`); each mode's first
+    (warm-up) run includes compiling, reported as `compile_s`."""
+    from .step import compile_default
+
+    if compile is None:
+        compile = compile_default(model.device)
     dev = model.device
     cfg = model.config.text
     g = torch.Generator().manual_seed(seed)
@@ -252,9 +263,11 @@ def run_bench(model: Any, *, modes: list[str], prompt_len: int = 128, new_tokens
             elif mode.startswith("reference-"):
                 stats, out = _run_reference(reference, ids, mode, new_tokens, seed)
             else:
-                stats, out = _run_diffusion(model, ids, mode, new_tokens, seed)
+                stats, out = _run_diffusion(model, ids, mode, new_tokens, seed, sampler, compile)
             if r > 0:
                 runs.append(stats)
+            else:
+                warmup = stats["total"]
         seq = out.sequences.cpu()
         new = int(seq.shape[1] - prompt_len) * batch
         best = min(runs, key=lambda s: s["total"])
@@ -274,10 +287,12 @@ def run_bench(model: Any, *, modes: list[str], prompt_len: int = 128, new_tokens
             prefill_ms=None if is_ref else prefill_ms,  # the reference's own prefill is not timed
             ms_per_step=step, canvas_ms=best["canvas"] * 1e3 if best["canvas"] else None,
             steps=best["steps"] or 0, tokens_per_forward=best["tpf"], peak_mem_mb=_peak_mb(dev),
-            floor_ms=floor, floor_ratio=(floor / step) if step else None, runs_s=[s["total"] for s in runs])
+            floor_ms=floor, floor_ratio=(floor / step) if step else None, runs_s=[s["total"] for s in runs],
+            warmup_s=warmup)
         if mode.startswith("reference-"):
             mine = ours.get(mode.replace("reference-", ""))
-            res.same_tokens = bool(mine is not None and torch.equal(mine, seq))
+            if sampler == "reference":
+                res.same_tokens = bool(mine is not None and torch.equal(mine, seq))
         else:
             ours[mode] = seq
         results.append(res)
@@ -285,13 +300,14 @@ def run_bench(model: Any, *, modes: list[str], prompt_len: int = 128, new_tokens
            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or "cpu"),
            "threads": torch.get_num_threads(), "dtype": str(model.dtype).replace("torch.", "")}
     settings = {"prompt_len": prompt_len, "new_tokens": new_tokens, "batch": batch, "repeats": repeats,
-                "seed": seed, "canvas_length": L, "params": cfg.param_counts()}
+                "seed": seed, "canvas_length": L, "params": cfg.param_counts(), "sampler": sampler,
+                "compile": bool(compile)}
     return {"env": env, "settings": settings, "floor": floors, "results": [asdict(r) for r in results]}
 
 
 def format_table(report: dict[str, Any]) -> str:
     rows = [("mode", "tok/s e2e", "tok/s decode", "TTFT ms", "prefill ms", "ms/pass", "canvas ms", "passes",
-             "tok/fwd", "peak MB", "floor ms", "of floor", "same tokens")]
+             "tok/fwd", "peak MB", "floor ms", "of floor", "same tokens", "warm-up s")]
 
     def f(x: Any, nd: int = 1) -> str:
         if x is None or (isinstance(x, float) and x != x):
@@ -304,13 +320,15 @@ def format_table(report: dict[str, Any]) -> str:
         rows.append((r["mode"], f(r["e2e_tok_s"]), f(r["decode_tok_s"]), f(r["ttft_ms"]), f(r["prefill_ms"]),
                      f(r["ms_per_step"], 2), f(r["canvas_ms"]), f(r["steps"]), f(r["tokens_per_forward"], 2),
                      f(r["peak_mem_mb"], 0), f(r["floor_ms"], 3),
-                     f(r["floor_ratio"] * 100, 1) + "%" if r["floor_ratio"] else "-", f(r["same_tokens"])))
+                     f(r["floor_ratio"] * 100, 1) + "%" if r["floor_ratio"] else "-", f(r["same_tokens"]),
+                     f(r.get("warmup_s"))))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
     e, s, fl = report["env"], report["settings"], report["floor"]
     head = (f"dgemma bench · {e['device']} · torch {e['torch']} · {e['dtype']} · {e['threads']} threads · {e['date']}\n"
             f"prompt {s['prompt_len']}, {s['new_tokens']} new tokens, batch {s['batch']}, canvas {s['canvas_length']}, "
-            f"median of {s['repeats']} after a warm-up · bandwidth {fl['bandwidth_gb_s']:.1f} GB/s · weights per "
+            f"median of {s['repeats']} after a warm-up · sampler {s.get('sampler', 'fast')}, compile "
+            f"{'on' if s.get('compile') else 'off'} · bandwidth {fl['bandwidth_gb_s']:.1f} GB/s · weights per "
             f"pass: diffusion {fl['diffusion_pass_bytes'] / 1e6:.1f} MB, ar {fl['ar_pass_bytes'] / 1e6:.1f} MB")
     return head + "\n" + "\n".join([lines[0], "-" * len(lines[0])] + lines[1:])
 

@@ -104,6 +104,9 @@ def _add_generate(sub: Any) -> None:
     s.add_argument("--stop", action="append", metavar="STR", default=[],
                    help="stop at this string (repeatable)")
     s.add_argument("--trim", action="store_true", help="return exactly --max-new-tokens tokens, not whole canvases")
+    s.add_argument("--sampler", choices=("fast", "reference"), default="fast",
+                   help="fast (default): counter-based draws, the batch-invariant fast path; reference: the "
+                        "transformers reference's RNG and arithmetic, token for token (slower)")
     s.add_argument("--ar", action="store_true",
                    help="decode autoregressively instead (greedy, one token per forward through the causal encoder "
                         "and the tied head, with the KV cache): the baseline diffusion is compared with")
@@ -140,6 +143,12 @@ def _add_bench(sub: Any) -> None:
     p.add_argument("--modes", default="fixed16,fixed48,adaptive,ar", metavar="LIST",
                    help="comma-separated: fixed16, fixed48, adaptive, ar (default: all)")
     p.add_argument("--no-reference", action="store_true", help="skip the transformers reference")
+    p.add_argument("--sampler", choices=("fast", "reference"), default="fast",
+                   help="dgemma's sampler (default fast); with 'reference' its tokens are compared with the "
+                        "transformers reference's")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile the fast step (auto: DGEMMA_COMPILE, else on for CUDA, off for a CPU); "
+                        "the compile time is reported apart from the timed runs")
     p.add_argument("--prompt-len", type=int, default=128, metavar="N", help="prompt tokens (default 128)")
     p.add_argument("--new-tokens", type=int, default=256, metavar="N", help="tokens to generate (default 256)")
     p.add_argument("--batch", type=int, default=1, metavar="B", help="batch size (default 1)")
@@ -187,6 +196,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                           f"the model's {limit} positions")
     report = run_bench(model, modes=modes, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                        batch=args.batch, repeats=args.repeats, seed=args.seed, reference=reference,
+                       sampler=args.sampler, compile={"auto": None, "on": True, "off": False}[args.compile],
                        progress=lambda m: print(f"bench: {m} ...", file=sys.stderr, flush=True))
     report["command"] = "dgemma " + " ".join(sys.argv[1:])
     if args.json == "-":
@@ -404,6 +414,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     d = checkpoint_dir(args.model)
     if args.ar:
         bad = [f for f in ("watch", "trim") if getattr(args, f)] + (["stop"] if args.stop else []) + (
+            ["sampler"] if args.sampler != "fast" else []) + (
             ["seed"] if args.seed is not None else []) + [
             FLAG_FOR_FIELD[n] for n in _sampler_overrides(args) if n != "max_new_tokens"]
         if bad:
@@ -437,10 +448,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     elif watcher is not None:
         with watcher:
             out = model.generate(torch.tensor([ids]), seed=seed, trim=args.trim, stop=args.stop or None,
-                                 on_step=watcher.on_step, on_canvas=watcher.on_canvas, **overrides, **extra)
+                                 on_step=watcher.on_step, on_canvas=watcher.on_canvas, sampler=args.sampler,
+                                 **overrides, **extra)
     else:
         out = model.generate(torch.tensor([ids]), seed=seed, trim=args.trim, stop=args.stop or None,
-                             **overrides, **extra)
+                             sampler=args.sampler, **overrides, **extra)
     elapsed = time.perf_counter() - t0
 
     completion = completion_ids(out.sequences[0].tolist(), len(ids), eos_ids, gcfg.pad_token_id)
@@ -449,6 +461,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.json:
         settings = {"max_new_tokens": gcfg.max_new_tokens, "mode": "ar"} if args.ar else dataclasses.asdict(gcfg)
         settings.update(eos_token_id=eos_ids if extra else gcfg.eos_token_id, trim=args.trim, stop=args.stop,
+                        sampler=None if args.ar else args.sampler,
                         dtype=str(model.dtype).removeprefix("torch."), device=str(model.device),
                         chat=chat, system=args.system)
         record = {"prompt": prompt, "prompt_tokens": len(ids), "completion": text, "completion_ids": completion,

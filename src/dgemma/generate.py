@@ -1,7 +1,11 @@
-"""Block-autoregressive diffusion generation for one batch (spec §4.2).
+"""Block-autoregressive diffusion generation for one batch (spec §4.2): encode prompt → [denoise × ≤N → commit
+the argmax canvas → encode it]*, with either sampler.
 
-encode prompt → [denoise × ≤N → commit argmax canvas → encode canvas]* . With default settings and a
-`torch.Generator` seeded with s this returns exactly what `torch.manual_seed(s); reference.generate(...)` returns.
+- `generate_reference`: the reference's loop, batch-shared and token for token: with default settings and a
+  `torch.Generator` seeded with s it returns exactly what `torch.manual_seed(s); reference.generate(...)` returns.
+- `generate_fast`: the same algorithm with the fast sampler through `step.Stepper`, the engine's step for one
+  batch: every row runs on its own (its own positions, counter-based draws, its own early stop), so a row's tokens
+  do not depend on the rest of the batch.
 """
 
 from __future__ import annotations
@@ -82,16 +86,13 @@ def denoise_step(backbone: Backbone, st: BlockState, raw: torch.Tensor, n: int, 
     amax = torch.argmax(z, dim=-1)
     h = sampling.entropy(z)
     acc = sampling.entropy_bound_accept(h, gcfg.entropy_bound)
-    # The sample is drawn after the (deterministic) acceptance, still before the renoising draw, so the stream
-    # order is the reference's; only accepted positions of active rows read it, so only those are computed.
     taken = acc & active[:, None]
-    samp = sampling.sample(probs, generator, taken)
+    samp = sampling.sample(probs, generator)
     new = torch.where(acc, samp, sampling.noise((B, L), V, generator, dev))
     changed = taken & (st.last_acc >= 0) & (samp != st.last_acc)
     st.revisions += changed.sum(-1)
     st.last_acc = torch.where(taken, samp, st.last_acc)
-    sc_new = backbone.soft_embed(z, probs)
-    del z, probs
+    sc_new = backbone.soft_embed(z)
     if bool(st.done.any()):  # frozen rows keep canvas, argmax and self-conditioning (spec §4.2)
         keep = st.done[:, None]
         amax = torch.where(keep, st.draft, amax)
@@ -104,7 +105,7 @@ def denoise_step(backbone: Backbone, st: BlockState, raw: torch.Tensor, n: int, 
 
 
 @torch.no_grad()
-def generate(
+def generate_reference(
     backbone: Backbone,
     input_ids: torch.Tensor,
     gcfg: GenerationConfig,
@@ -167,6 +168,107 @@ def generate(
         revisions=revisions, finish_reasons=["eos" if f else "length" for f in finished.tolist()],
         num_canvases=c + 1,
     )
+
+
+@torch.no_grad()
+def generate_fast(
+    backbone: Backbone,
+    input_ids: torch.Tensor,
+    gcfg: GenerationConfig,
+    canvas_length: int,
+    attention_mask: torch.Tensor | None = None,
+    seeds: list[int] | None = None,
+    on_step: Callable[[StepInfo], None] | None = None,
+    on_canvas: Callable[[CanvasInfo], None | bool] | None = None,
+    compile: bool | None = None,
+) -> GenerateOutput:
+    """The algorithm of `generate_reference` with the fast sampler, each row on its own: a left-padded row's
+    prompt is its real tokens at positions [0, n); a row commits as soon as its canvas is stable and confident and
+    goes on with the next one; a finished row (EOS, with a pad id) leaves the batch. seeds: one per row.
+    The output has the reference's shape: whole canvases, positions after the first EOS padded, and as many
+    canvases as the longest row (shorter rows padded). Callbacks: `on_step` after every iteration (rows not in it
+    keep their last values and are not `active`); `on_canvas` once every row has committed canvas c (or left)."""
+    from .step import stepper_for
+
+    dev = backbone.device
+    B, P0 = input_ids.shape
+    L, N = canvas_length, gcfg.max_denoising_steps
+    n_canvases = math.ceil(gcfg.max_new_tokens / L)
+    eos, pad = gcfg.eos_ids, gcfg.pad_token_id
+    am = torch.ones(B, P0, dtype=torch.bool) if attention_mask is None else attention_mask.cpu().bool()
+    prompts = [input_ids[b].cpu()[am[b]] for b in range(B)]
+    stepper = stepper_for(backbone, B, max(len(p) for p in prompts) + n_canvases * L, L, compile)
+    for b in range(B):
+        stepper.start_row(b, gcfg, seeds[b], len(prompts[b]))
+    committed: list[list[torch.Tensor]] = [[] for _ in range(B)]
+    steps_per_canvas: list[list[int]] = [[] for _ in range(B)]
+    finished = torch.zeros(B, dtype=torch.bool)
+    passes = torch.zeros(B, dtype=torch.int32)
+    rows, fresh = list(range(B)), [True] * B
+    encodes = [(b, 0, prompts[b]) for b in range(B)]
+    view = StepView(B, L)
+    reported, stop_requested = 0, False
+    while rows and not stop_requested:
+        out = stepper.iterate(rows, fresh, encodes)
+        passes[rows] += 1
+        if on_step is not None:
+            on_step(view.update(out, N))
+        next_rows, fresh, encodes = [], [], []
+        for i, b in enumerate(rows):
+            if not bool(out.commit[i]):
+                next_rows.append(b), fresh.append(False)
+                continue
+            steps_per_canvas[b].append(int(out.step[i]))
+            canvas, fin = sampling.finalize_canvas(out.draft[i:i + 1], finished[b:b + 1], eos, pad)
+            finished[b] = fin[0]
+            committed[b].append(canvas[0])
+            if len(committed[b]) < n_canvases and not (fin[0] and pad is not None):
+                encodes.append((b, int(stepper.start[b]), canvas[0]))
+                stepper.next_canvas(b)
+                next_rows.append(b), fresh.append(True)
+        rows = next_rows
+        while on_canvas is not None and reported < n_canvases and all(
+                len(committed[b]) > reported or b not in rows for b in range(B)):
+            tokens = torch.stack([committed[b][reported] if len(committed[b]) > reported
+                                  else torch.full((L,), pad if pad is not None else 0) for b in range(B)])
+            steps = torch.tensor([s[reported] if len(s) > reported else 0 for s in steps_per_canvas])
+            stop_requested |= bool(on_canvas(CanvasInfo(reported, tokens, steps, finished.clone())))
+            reported += 1
+    n_out = max(len(c) for c in committed)
+    fill = pad if pad is not None else 0
+    new = torch.stack([torch.cat(c + [torch.full((L,), fill)] * (n_out - len(c))) for c in committed])
+    seq = torch.cat([input_ids.cpu(), new], dim=1).to(dev)
+    valid = (new != pad).sum(-1) if pad is not None else torch.full((B,), new.shape[1])
+    return GenerateOutput(
+        sequences=seq, tokens_per_forward=(valid / passes).to(dev), steps_per_canvas=steps_per_canvas,
+        revisions=stepper.revisions[:B].clone().to(dev), finish_reasons=["eos" if f else "length" for f in finished.tolist()],
+        num_canvases=n_out)
+
+
+class StepView:
+    """The batch-shaped `StepInfo` of a fast iteration: rows not in it keep their last values."""
+
+    def __init__(self, B: int, L: int):
+        self.draft = torch.zeros(B, L, dtype=torch.long)
+        self.canvas = torch.zeros(B, L, dtype=torch.long)
+        self.accepted = torch.zeros(B, L, dtype=torch.bool)
+        self.entropy = torch.zeros(B, L)
+        self.canvas_index = [0] * B
+
+    def update(self, out, N: int) -> StepInfo:
+        active = torch.zeros(self.draft.shape[0], dtype=torch.bool)
+        active[out.rows] = True
+        for name in ("draft", "canvas", "accepted", "entropy"):
+            getattr(self, name)[out.rows] = getattr(out, name)
+        done = torch.zeros_like(active)
+        done[out.rows] = out.commit & (out.step < N)
+        first = out.rows[0]
+        info = StepInfo(self.canvas_index[first], int(out.step[0]), N - int(out.step[0]) + 1,
+                        float(out.temperature[0]), self.draft.clone(), self.canvas.clone(), self.accepted.clone(),
+                        self.entropy.clone(), done, active)
+        for i, b in enumerate(out.rows):
+            self.canvas_index[b] += int(out.commit[i])
+        return info
 
 
 @torch.no_grad()

@@ -1,12 +1,15 @@
-"""The entropy-bound sampler as pure tensor functions (spec §4.2–4.4).
+"""The entropy-bound sampler as pure tensor functions (spec §4.2–4.4), in two forms of one algorithm.
 
-Each function reproduces the reference's arithmetic exactly (dtype of the temperature, entropy via normalised
-log-probs clamped at the dtype minimum, unstable sort), so a seed gives the reference's tokens.
+- The reference form reproduces HF's arithmetic and draw order exactly (dtype of the temperature, entropy via
+  normalised log-probs clamped at the dtype minimum, unstable sort, torch's generator), so a seed gives the
+  reference's tokens.
+- The fast form (`fast_draw`, `draw_tokens`) draws from the same distributions with a counter-based generator:
+  every random number is a hash of (request seed, canvas, step, position[, vocabulary index]), so a request's
+  draws never depend on its batch, its neighbours or the device, and the sample comes out of the same pass over
+  the logits as the log-sum-exp, the entropy and the argmax.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -17,32 +20,12 @@ def temperature(n: int, N: int, t_min: float, t_max: float, device: torch.device
     return t_min + (t_max - t_min) * (torch.tensor(n, dtype=torch.int32, device=device) / N)
 
 
-_FLUSH = -80.0  # exp(-80) = 1.8e-35: terms below it cannot move a float32 sum that holds exp(0) = 1
-
-
-def logsumexp(z: torch.Tensor) -> torch.Tensor:
-    """`z.logsumexp(-1, keepdim=True)` with torch's own steps (max, exp of the differences, sum, log, add back),
-    except that differences below -80 are raised to -80 before the exp. torch's CPU exp is ~10x slower on arguments
-    whose result is subnormal or zero, and at low temperature a third of a random model's [64, 8192] logits are
-    there (entropy 4.8 -> 1.4 ms). The sum holds exp(0) = 1, so the ≤ V·1.8e-35 this adds is far below half a
-    float32 ulp of it: the result is the same float (0 of 7,680 rows differed on the bench model; a difference
-    needs the exact sum within 1e-31 of a rounding boundary)."""
-    top = z.amax(dim=-1, keepdim=True)
-    m = top.masked_fill(top.abs() == float("inf"), 0)
-    out = (z - m).clamp_(min=_FLUSH).exp_().sum(dim=-1, keepdim=True).log_().add_(m)
-    return torch.where(top == float("-inf"), top, out)  # an all −inf row: −inf, as torch (not the floor's −78.6)
-
-
 def entropy(z: torch.Tensor) -> torch.Tensor:
-    """Per-position entropy of softmax(z) over the last dim: −Σ p·log p with log p = z − logsumexp(z) clamped
-    at the dtype minimum (torch's Categorical). The clamp only changes log p = −inf, where p = 0 and the unclamped
-    product is NaN; so on the CPU it is applied only when a row came out NaN (the same bits, one pass fewer)."""
-    logp = z - logsumexp(z)
+    """Per-position entropy of softmax(z) over the last dim, as torch's Categorical computes it: −Σ p·log p with
+    log p = z − logsumexp(z) clamped at the dtype minimum."""
+    logp = z - z.logsumexp(dim=-1, keepdim=True)
     p = torch.softmax(logp, dim=-1)
-    h = -(logp * p).sum(-1) if z.device.type == "cpu" else None  # no host sync on accelerators: always clamp
-    if h is None or bool(h.isnan().any()):
-        h = -(torch.clamp(logp, min=torch.finfo(z.dtype).min) * p).sum(-1)
-    return h
+    return -(torch.clamp(logp, min=torch.finfo(z.dtype).min) * p).sum(-1)
 
 
 def entropy_bound_accept(h: torch.Tensor, bound: float) -> torch.Tensor:
@@ -53,19 +36,9 @@ def entropy_bound_accept(h: torch.Tensor, bound: float) -> torch.Tensor:
     return torch.scatter(torch.zeros_like(keep), dim=-1, index=order, src=keep)
 
 
-_TORCH_MULTINOMIAL = os.environ.get("DGEMMA_TORCH_MULTINOMIAL", "") not in ("", "0")  # A/B switch for benchmarks
-
-
-def sample(probs: torch.Tensor, generator: torch.Generator | None, need: torch.Tensor | None = None) -> torch.Tensor:
-    """One multinomial draw per position from probs [B, L, V] (fp32), in the reference's draw order.
-
-    need: optional bool [B, L]: positions whose sample is used; on the CPU the others are not computed (they read
-    0) while the generator advances exactly as for all of them."""
+def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One multinomial draw per position from probs [B, L, V] (fp32), in the reference's draw order."""
     B, L, V = probs.shape
-    if probs.device.type == "cpu" and not _TORCH_MULTINOMIAL:  # same draws, without torch's scalar exponential_
-        from .fastrand import multinomial1
-
-        return multinomial1(probs.reshape(-1, V), generator, need).view(B, L)
     return torch.multinomial(probs.view(-1, V), num_samples=1, generator=generator).view(B, L)
 
 
@@ -115,3 +88,74 @@ def finalize_canvas(new: torch.Tensor, finished: torch.Tensor, eos_ids: list[int
             c = is_eos.cumsum(dim=-1)
             new[(c > 0) & ~((c == 1) & is_eos)] = pad_id
     return new, finished
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fast form: counter-based random numbers (int64 tensors holding 32-bit values, so every device and compiler
+# computes the same bits without relying on integer overflow)
+# ---------------------------------------------------------------------------------------------------------------
+M32 = 0xFFFFFFFF
+SAMPLE, RENOISE, INIT = 1, 2, 3  # salts: the race's exponentials, the renoising tokens, a canvas's first noise
+_GOLDEN = 0x9E3779B9
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x · c) mod 2³² for x in [0, 2³²), c < 2³², with every intermediate below 2⁶³."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & M32
+
+
+def hash32(x: torch.Tensor) -> torch.Tensor:
+    """A bijection of [0, 2³²) with low bias (C. Wellons' `lowbias32`: xor-shift, multiply, twice)."""
+    x = _mul32(x ^ (x >> 16), 0x7FEB352D)
+    x = _mul32(x ^ (x >> 15), 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def split_seed(seed: int) -> tuple[int, int]:
+    """Any Python int seed as two 32-bit words (seeds are taken modulo 2⁶⁴)."""
+    s = int(seed) % (1 << 64)
+    return s & M32, s >> 32
+
+
+def stream_keys(seed: torch.Tensor, canvas: torch.Tensor, step: torch.Tensor, salt: int, length: int):
+    """Keys [R, length] of one random stream per (request seed [R, 2], canvas [R], step [R], salt, position)."""
+    h = hash32(seed[:, 0] ^ 0x6A09E667)
+    for part in (seed[:, 1], canvas, step):
+        h = hash32(h ^ (part & M32))
+    h = hash32(h ^ salt)
+    return hash32(h[:, None] ^ _mul32(torch.arange(length, device=seed.device), _GOLDEN))
+
+
+def uniform_tokens(keys: torch.Tensor, vocab: int) -> torch.Tensor:
+    """One uniform token in [0, vocab) per key (multiply-shift of a 32-bit hash)."""
+    return (hash32(keys) * vocab) >> 32
+
+
+def exponentials(keys: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Exp(1) variates [N, vocab] (fp32): the inverse CDF of a uniform in (0, 1) from 23 bits of
+    hash(key, vocabulary index); never 0 or infinite."""
+    bits = hash32(keys[:, None] ^ _mul32(torch.arange(vocab, device=keys.device), _GOLDEN))
+    u = ((bits >> 9) * 2 + 1).float() * (2.0 ** -24)
+    return -torch.log(u)
+
+
+def fast_draw(raw: torch.Tensor, T: torch.Tensor, keys: torch.Tensor):
+    """One pass over logits raw [N, V] at temperatures T [N]: returns (sample, argmax, entropy, probabilities).
+
+    z = raw / T; the sample is an exponential race, argmax_v p_v / e_v with e ~ Exp(1) (exactly a draw from
+    softmax(z), up to the generator's 23-bit resolution); the entropy is log Σ e^{z−m} − Σ p (z − m)."""
+    z = raw / T[:, None]
+    m, amax = z.max(dim=-1)
+    zs = z - m[:, None]
+    e = torch.exp(zs)
+    s = e.sum(-1)
+    h = (torch.log(s) - (e * zs).sum(-1) / s).clamp(min=0)
+    sample = torch.argmax(e / exponentials(keys, raw.shape[-1]), dim=-1)
+    return sample, amax, h, e / s[:, None]
+
+
+def accept_stable(h: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """`entropy_bound_accept` with a stable sort (ties broken by position) and a bound per row [R]."""
+    hs, order = torch.sort(h, dim=-1, stable=True)
+    keep = torch.cumsum(hs, dim=-1) - hs <= bound[:, None]
+    return torch.zeros_like(keep).scatter(-1, order, keep)

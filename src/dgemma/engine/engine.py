@@ -1,12 +1,15 @@
 """The serving engine: many requests, one model, one packed forward per iteration.
 
 Each request moves PREFILL → DENOISE … → COMMIT → DENOISE … → DONE. An iteration advances every running request by
-one decoder pass; a request that has something to encode (its prompt, or the canvas it just committed) encodes it in
-the same forward, just before its first denoising step of the next canvas (one weight read for both). New requests
-join between iterations; finished or cancelled ones leave at once and free their KV blocks.
+one decoder pass: one `step.Stepper.iterate` call packs every fast-sampler request's canvas, and the prompt or
+just-committed canvas any of them has to encode, into one forward (one weight read for all), then runs the fast
+sampler over all their rows at once. Each request owns a KV slot; new requests join between iterations, finished
+or cancelled ones leave at once and free their slot.
 
-A request's tokens equal `model.generate(prompt, seed=…)` for it alone (per-request generators, per-request
-sampler, batch-invariant GEMMs — see runner.py), trimmed to exactly `max_tokens` and cut at EOS / stop strings.
+A fast-sampler request's tokens equal `model.generate(prompt, seed=…)` for it alone (counter-based draws keyed on
+its seed, batch-invariant products and attention: `model/ops.py`), trimmed to exactly `max_tokens` and cut at EOS
+/ stop strings. A `sampler="reference"` request runs the reference loop (`generate.denoise_step`, its own torch
+generator and rectangular cache) one step per iteration: a verification mode, exact but not batched.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import asyncio
 import itertools
 import logging
 import math
+import secrets
 import threading
 import time
 import uuid
@@ -30,8 +34,8 @@ from ..api import DiffusionGemma
 from ..config import GenerationConfig
 from ..errors import ConfigError
 from ..generate import BlockState, denoise_step
-from .kv import KVPool, SeqKV
-from .runner import Runner, Segment
+from ..model.cache import KVCache
+from ..step import Stepper
 from .types import EngineStopped, QueueFull, RequestOutput, RequestRefused, SamplingParams
 
 TEMPERATURE_FLOOR = 1e-3
@@ -56,14 +60,14 @@ class Request:
     gcfg: GenerationConfig
     max_tokens: int
     emit: Callable[[RequestOutput], None]
-    generator: torch.Generator
+    seed: int
     n_canvases: int
-    blocks: int  # KV blocks to reserve
+    tokens: int  # KV positions the request may need (prompt + every canvas)
     phase: Phase = Phase.WAITING
-    kv: SeqKV | None = None
-    pending_encode: torch.Tensor | None = None
-    block: BlockState | None = None
-    n: int = 0  # steps remaining in the current canvas (N…1)
+    slot: int | None = None
+    pending_encode: torch.Tensor | None = None  # tokens to encode with the next step (prompt / committed canvas)
+    fresh: bool = True  # the next step starts a new canvas
+    ref: "_ReferenceRow | None" = None  # sampler="reference": the reference loop's state
     canvas_index: int = 0
     out_ids: list[int] = field(default_factory=list)
     emitted_text: str = ""
@@ -73,11 +77,45 @@ class Request:
     t_start: float = field(default_factory=time.perf_counter)
 
 
+class _ReferenceRow:
+    """The reference loop for one request (spec §4.2 with torch's generator, `generate.denoise_step`): its own
+    rectangular cache; one decoder pass per `step()`."""
+
+    def __init__(self, model: DiffusionGemma, r: Request):
+        bb = model.backbone
+        self.bb, self.gcfg, self.L = bb, r.gcfg, model.config.canvas_length
+        self.g = torch.Generator(device=model.device).manual_seed(r.seed)
+        self.cache = bb.new_cache(1, len(r.prompt) + r.n_canvases * self.L)
+        self.st: BlockState | None = None
+        self.n = 0
+
+    def step(self, encode: torch.Tensor | None) -> tuple[torch.Tensor, int, bool]:
+        """(argmax draft [L], 1-based step, canvas done)."""
+        bb, dev = self.bb, self.bb.device
+        if encode is not None:
+            bb.encode(encode.view(1, -1).to(dev), self.cache)
+        if self.st is None:
+            self.st = BlockState(sampling.noise((1, self.L), bb.cfg.vocab_size, self.g, dev), self.gcfg)
+            self.n = self.gcfg.max_denoising_steps
+        st = self.st
+        st.steps += 1
+        raw = bb.denoise(st.canvas, self.cache, st.sc)
+        denoise_step(bb, st, raw, self.n, self.gcfg, self.g, torch.ones(1, dtype=torch.bool, device=dev))
+        step = self.gcfg.max_denoising_steps - self.n + 1
+        self.n -= 1
+        done = bool(st.done.all()) or self.n == 0
+        draft = st.draft[0]
+        if done:
+            self.st = None
+        return draft, step, done
+
+
 class Engine:
     """Synchronous core: `add()`, `abort()`, `step()`. `AsyncEngine` runs it on a thread for the server."""
 
     def __init__(self, model: DiffusionGemma, *, max_num_seqs: int = 16, max_queue: int = 256,
-                 kv_cache_bytes: int | None = None, block_size: int = 16, observer: Any = None):
+                 kv_cache_bytes: int | None = None, block_size: int = 16, observer: Any = None,
+                 compile: bool | None = None):
         self.model = model
         self.cfg = model.config
         self.tok = model._tokenizer
@@ -86,12 +124,15 @@ class Engine:
         self.observer = observer
         self.L = model.config.canvas_length
         self.context = model.config.text.max_position_embeddings
-        self.kv_bytes_per_token = KVPool.bytes_per_token(model.config.text, model.dtype)
+        self.kv_bytes_per_token = KVCache.bytes_per_token(model.config.text, model.dtype)
         if kv_cache_bytes is None:
             kv_cache_bytes = _default_kv_bytes(self.kv_bytes_per_token, max_num_seqs, self.context, model.device)
-        num_blocks = max(1, kv_cache_bytes // (self.kv_bytes_per_token * block_size))
-        self.pool = KVPool(model.config.text, int(num_blocks), block_size, model.dtype, model.device)
-        self.runner = Runner(model.backbone)
+        # one KV slot per running request; a slot holds `slot_tokens` positions (block_size: the unit of the stats)
+        self.block_size = block_size
+        per_slot = kv_cache_bytes // (self.kv_bytes_per_token * max_num_seqs)
+        self.slot_tokens = int(max(self.L, min(per_slot, self.context + self.L)))
+        self.stepper = Stepper(model.backbone, max_num_seqs, self.slot_tokens, self.L, compile)
+        self.free_slots = list(range(max_num_seqs - 1, -1, -1))
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.aborted: set[str] = set()
@@ -100,7 +141,8 @@ class Engine:
 
     # -- admission -------------------------------------------------------------------------------------------
     def prepare(self, prompt: list[int], params: SamplingParams) -> tuple[GenerationConfig, int, int, int]:
-        """Validate a request; return (resolved config, max_tokens, canvases, KV blocks). Raises RequestRefused."""
+        """Validate a request; return (resolved config, max_tokens, canvases, KV positions). Raises
+        RequestRefused."""
         V = self.cfg.text.vocab_size
         if not prompt:
             raise RequestRefused("the prompt is empty; expected at least one token", "prompt")
@@ -146,24 +188,21 @@ class Engine:
                 f"this request needs {len(prompt)} prompt + {max_tokens} completion tokens = "
                 f"{len(prompt) + max_tokens}, beyond the model's context of {self.context}", "max_tokens",
                 "context_length_exceeded")
-        blocks = self.pool.blocks_for(total)
-        if blocks > self.pool.num_blocks:
-            cap = self.pool.num_blocks * self.pool.block_size
+        if total > self.slot_tokens:
             raise RequestRefused(
                 f"this request needs KV cache for {total} tokens (prompt {len(prompt)} + {n_canvases} canvases of "
-                f"{self.L}); the server's KV cache holds {cap}", "max_tokens", "kv_cache_exceeded")
-        return gcfg, max_tokens, n_canvases, blocks
+                f"{self.L}); a request's KV slot on this server holds {self.slot_tokens}", "max_tokens",
+                "kv_cache_exceeded")
+        if params.sampler not in (None, "fast", "reference"):
+            raise RequestRefused(f"sampler={params.sampler!r} is invalid; expected 'fast' or 'reference'", "sampler")
+        return gcfg, max_tokens, n_canvases, total
 
     def add(self, prompt: list[int], params: SamplingParams, emit: Callable[[RequestOutput], None],
             request_id: str | None = None) -> str:
-        gcfg, max_tokens, n_canvases, blocks = self.prepare(prompt, params)
-        g = torch.Generator(device=self.model.device)
-        if params.seed is None:
-            g.seed()
-        else:
-            g.manual_seed(int(params.seed))
-        req = Request(request_id or uuid.uuid4().hex, list(prompt), params, gcfg, max_tokens, emit, g, n_canvases,
-                      blocks)
+        gcfg, max_tokens, n_canvases, tokens = self.prepare(prompt, params)
+        seed = int(params.seed) if params.seed is not None else secrets.randbits(63)
+        req = Request(request_id or uuid.uuid4().hex, list(prompt), params, gcfg, max_tokens, emit, seed, n_canvases,
+                      tokens)
         with self.lock:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} waiting requests); retry later")
@@ -185,50 +224,38 @@ class Engine:
         if not self.running:
             return
         t0 = time.perf_counter()
-        dev = self.model.device
-        V = self.cfg.text.vocab_size
-        segments: list[Segment] = []
+        fast = [r for r in self.running if r.ref is None]
+        results: list[tuple[Request, torch.Tensor, int, bool]] = []  # (request, draft, step, commit)
+        if fast:
+            encodes = [(r.slot, int(self.stepper.start[r.slot]) - r.pending_encode.numel(), r.pending_encode)
+                       for r in fast if r.pending_encode is not None]
+            out = self.stepper.iterate([r.slot for r in fast], [r.fresh for r in fast], encodes)
+            for i, r in enumerate(fast):
+                results.append((r, out.draft[i], int(out.step[i]), bool(out.commit[i])))
         for r in self.running:
-            if r.pending_encode is not None:
-                segments.append(Segment(r.kv, r.pending_encode, r.kv.length, True))
-            if r.block is None:  # a new canvas: its initial noise (spec §4.7 draw order)
-                r.block = BlockState(sampling.noise((1, self.L), V, r.generator, dev), r.gcfg)
-                r.n = r.gcfg.max_denoising_steps
-            start = r.kv.length + (r.pending_encode.shape[0] if r.pending_encode is not None else 0)
-            segments.append(Segment(r.kv, r.block.canvas[0], start, False, r.block.sc))
-        for r in self.running:
-            if r.pending_encode is not None:
-                r.kv.map(r.kv.length, r.pending_encode.shape[0])
-        logits = self.runner.forward(segments)
-        active = torch.ones(1, dtype=torch.bool, device=dev)
+            if r.ref is not None:
+                results.append((r, *r.ref.step(r.pending_encode)))
         finished_now = []
-        for r, raw in zip(self.running, logits):
-            r.pending_encode = None
-            st = r.block
-            st.steps += 1
+        for r, draft, step, commit in results:
+            r.pending_encode, r.fresh = None, False
             r.steps_total += 1
-            T, acc, h = denoise_step(self.model.backbone, st, raw, r.n, r.gcfg, r.generator, active)
-            step = r.gcfg.max_denoising_steps - r.n + 1
-            r.n -= 1
             r.phase = Phase.DENOISE
             if r.params.stream_drafts and self.tok is not None:
-                r.emit(self._out(r, "draft", draft_text=self.tok.decode(st.draft[0].tolist(), skip_special_tokens=True),
+                r.emit(self._out(r, "draft", draft_text=self.tok.decode(draft.tolist(), skip_special_tokens=True),
                                  step=step))
-            if bool(st.done.all()) or r.n == 0:
-                if self._commit(r):
-                    finished_now.append(r)
+            if commit and self._commit(r, draft, step):
+                finished_now.append(r)
         for r in finished_now:
             self._finish(r)
         self.iterations += 1
         if self.observer is not None:
-            self.observer.on_iteration(time.perf_counter() - t0, len(logits))
+            self.observer.on_iteration(time.perf_counter() - t0, len(results))
 
-    def _commit(self, r: Request) -> bool:
+    def _commit(self, r: Request, draft: torch.Tensor, steps: int) -> bool:
         """Commit the argmax canvas (spec §4.5); emit its text. Returns True when the request is finished."""
-        st = r.block
-        r.steps_per_canvas.append(int(st.steps.item()))
-        committed, finished = sampling.finalize_canvas(st.draft, torch.zeros(1, dtype=torch.bool,
-                                                       device=st.draft.device), r.gcfg.eos_ids, r.gcfg.pad_token_id)
+        r.steps_per_canvas.append(steps)
+        committed, finished = sampling.finalize_canvas(draft.view(1, -1), torch.zeros(1, dtype=torch.bool),
+                                                       r.gcfg.eos_ids, r.gcfg.pad_token_id)
         r.canvas_index += 1
         toks = committed[0].tolist()
         eos = set(r.gcfg.eos_ids)
@@ -250,8 +277,9 @@ class Engine:
             r.finish_reason = "length"
         if r.finish_reason is not None:
             return True
-        r.pending_encode = committed[0]
-        r.block = None
+        r.pending_encode, r.fresh = committed[0], True
+        if r.ref is None:
+            self.stepper.next_canvas(r.slot)
         r.phase = Phase.COMMIT
         return False
 
@@ -303,10 +331,10 @@ class Engine:
     def _release(self, r: Request) -> None:
         if r in self.running:
             self.running.remove(r)
-        if r.kv is not None:
-            r.kv.release()
-            r.kv = None
-        r.block = None
+        if r.slot is not None:
+            self.free_slots.append(r.slot)
+            r.slot = None
+        r.ref = None
 
     def _reap_aborted(self) -> None:
         with self.lock:
@@ -331,13 +359,15 @@ class Engine:
 
     def _admit(self) -> None:
         with self.lock:
-            while self.waiting and len(self.running) < self.max_num_seqs:
-                r = self.waiting[0]
-                if not self.pool.reserve(r.blocks):
-                    break  # FIFO: wait until enough blocks come back
-                self.waiting.popleft()
-                r.kv = SeqKV(self.pool, r.blocks)
-                r.pending_encode = torch.tensor(r.prompt, dtype=torch.long, device=self.model.device)
+            while self.waiting and self.free_slots:
+                r = self.waiting.popleft()
+                r.slot = self.free_slots.pop()
+                r.pending_encode = torch.tensor(r.prompt, dtype=torch.long)
+                r.fresh = True
+                if r.params.sampler == "reference":
+                    r.ref = _ReferenceRow(self.model, r)
+                else:
+                    self.stepper.start_row(r.slot, r.gcfg, r.seed, len(r.prompt))
                 r.phase = Phase.PREFILL
                 r.t_start = time.perf_counter()
                 self.running.append(r)
@@ -348,12 +378,14 @@ class Engine:
             self.aborted |= ids
 
     def stats(self) -> dict[str, Any]:
+        total = self.max_num_seqs * self.slot_tokens
+        used = sum(r.tokens for r in self.running)
         return {"running": len(self.running), "waiting": len(self.waiting),
-                "kv_blocks_total": self.pool.num_blocks, "kv_blocks_used": self.pool.used,
-                "kv_usage": self.pool.used / self.pool.num_blocks, "iterations": self.iterations,
+                "kv_blocks_total": total // self.block_size, "kv_blocks_used": -(-used // self.block_size),
+                "kv_usage": used / total, "iterations": self.iterations,
                 "max_num_seqs": self.max_num_seqs, "kv_bytes_per_token": self.kv_bytes_per_token,
-                "kv_block_size": self.pool.block_size,
-                "max_tokens_per_request": min(self.context, self.pool.num_blocks * self.pool.block_size)}
+                "kv_block_size": self.block_size, "max_tokens_per_request": min(self.context, self.slot_tokens),
+                "compile_seconds": self.stepper.compile_seconds}
 
 
 class AsyncEngine:

@@ -23,6 +23,7 @@ class SamplingParams:
     confidence_threshold: float | None = None
     stop: list[str] = field(default_factory=list)
     stream_drafts: bool = False  # also emit each denoising step's argmax draft (for live UIs)
+    sampler: str | None = None  # "fast" (default) or "reference" (the reference's RNG and arithmetic, per request)
 
 
 @dataclass

@@ -1,4 +1,5 @@
 from .backbone import Backbone
+from .batch import Batch
 from .cache import KVCache
 
-__all__ = ["Backbone", "KVCache"]
+__all__ = ["Backbone", "Batch", "KVCache"]

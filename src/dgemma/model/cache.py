@@ -1,8 +1,11 @@
-"""KV cache (spec §3.2): preallocated per-layer buffers written only by the encoder.
+"""KV cache (spec §3.2): static per-layer buffers, one slot per request row.
 
-Keys are post-norm post-RoPE, values normalised. Every layer stores all positions; a sliding layer *reads* only the
-last W−1 cached positions (exactly what HF's dynamic cache retains), so results match the reference.
-`valid[b, j]` is the 2-D attention mask of cached position j (False for left padding).
+Layer l holds K and V as [1, g, slots·C, d]: slot s's position p lives at index s·C + p, and C is a multiple of the
+attention block size, so every slot sees the same block grid (batch invariance, `ops.py`). Keys are post-norm
+post-RoPE, values normalised. Every layer stores every position; a sliding layer *reads* only the last W−1 cached
+positions (exactly what HF's dynamic cache retains). Encode tokens write their K/V here for good; canvas tokens
+write theirs at [start, start + L) as scratch, which the encode of the committed canvas later overwrites.
+`valid[s, p]` is False for left padding (reference batches only).
 """
 
 from __future__ import annotations
@@ -10,41 +13,63 @@ from __future__ import annotations
 import torch
 
 from ..config import TextConfig
+from .ops import KV_BLOCK
 
 
 class KVCache:
-    def __init__(self, cfg: TextConfig, batch: int, capacity: int, dtype: torch.dtype, device: torch.device | str):
-        self.window = cfg.sliding_window
-        self.full = [cfg.is_full(i) for i in range(cfg.num_hidden_layers)]
-        self.keys = [torch.zeros(batch, cfg.layer_kv_heads(i), capacity, cfg.layer_head_dim(i), dtype=dtype,
-                                 device=device) for i in range(cfg.num_hidden_layers)]
-        self.values = [torch.zeros_like(k) for k in self.keys]
-        self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
-        self.length = 0
+    def __init__(self, cfg: TextConfig, slots: int, capacity: int, dtype: torch.dtype,
+                 device: torch.device | str):
+        self.cfg = cfg
+        self.slots = slots
+        self.capacity = -(-max(capacity, 1) // KV_BLOCK) * KV_BLOCK
+        n = slots * self.capacity
+        self.k = [torch.zeros(1, cfg.layer_kv_heads(i), n, cfg.layer_head_dim(i), dtype=dtype, device=device)
+                  for i in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros_like(k) for k in self.k]
+        self.valid = torch.ones(slots, self.capacity, dtype=torch.bool, device=device)
+        self.length = 0  # tokens cached in every slot (the rectangular API: encode / denoise)
 
-    @property
-    def batch(self) -> int:
-        return self.valid.shape[0]
+    @staticmethod
+    def bytes_per_token(cfg: TextConfig, dtype: torch.dtype) -> int:
+        """K and V bytes one position takes over all layers."""
+        return sum(2 * cfg.layer_kv_heads(i) * cfg.layer_head_dim(i) for i in range(cfg.num_hidden_layers)) \
+            * dtype.itemsize
 
-    @property
-    def capacity(self) -> int:
-        return self.valid.shape[1]
+    def index(self, slot: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return slot * self.capacity + pos
 
-    def start(self, layer: int, end: int) -> int:
-        """First cached index visible to a query block whose cached prefix ends at `end` (exclusive)."""
-        return 0 if self.full[layer] else max(0, end - (self.window - 1))
+    def write(self, layer: int, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v [T, g, d] at flat indices [T]. In place, except while autograd records (training): then the
+        layer's buffers are replaced by written copies, so earlier passes keep what they read."""
+        k, v = k.transpose(0, 1), v.transpose(0, 1)
+        if self.k[layer].requires_grad or (torch.is_grad_enabled() and k.requires_grad):
+            self.k[layer] = self.k[layer].index_copy(2, index, k[None])
+            self.v[layer] = self.v[layer].index_copy(2, index, v[None])
+        else:
+            self.k[layer].index_copy_(2, index, k[None])
+            self.v[layer].index_copy_(2, index, v[None])
+
+    def rows(self, layer: int, slots: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Contiguous k, v [B, g, hi − lo, d] of slots [B] over positions [lo, hi)."""
+        _, g, _, d = self.k[layer].shape
+
+        def take(t: torch.Tensor) -> torch.Tensor:
+            return t.view(g, self.slots, self.capacity, d).index_select(1, slots)[:, :, lo:hi].transpose(0, 1)
+
+        return take(self.k[layer]).contiguous(), take(self.v[layer]).contiguous()
 
     def reserve(self, n: int) -> None:
-        """Make room for `n` more tokens, growing the buffers if needed."""
-        need = self.length + n
-        if need <= self.capacity:
+        """Room for `length + n` positions per slot (the rectangular API grows the buffers if needed)."""
+        if self.length + n <= self.capacity:
             return
-        new_cap = max(need, 2 * self.capacity)
-        grow = new_cap - self.capacity
-        for buf in (self.keys, self.values):
-            for i, t in enumerate(buf):
-                buf[i] = torch.cat([t, t.new_zeros(*t.shape[:2], grow, t.shape[3])], dim=2)
-        self.valid = torch.cat([self.valid, self.valid.new_zeros(self.batch, grow)], dim=1)
+        new = KVCache(self.cfg, self.slots, max(self.length + n, 2 * self.capacity), self.k[0].dtype,
+                      self.k[0].device)
+        for old, fresh in ((self.k, new.k), (self.v, new.v)):
+            for i, t in enumerate(old):
+                _, g, _, d = t.shape
+                fresh[i].view(g, self.slots, new.capacity, d)[:, :, :self.capacity] = t.view(g, self.slots, -1, d)
+        new.valid[:, :self.capacity] = self.valid
+        self.capacity, self.k, self.v, self.valid = new.capacity, new.k, new.v, new.valid
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)

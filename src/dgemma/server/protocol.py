@@ -105,6 +105,7 @@ class _SamplingRequest(_Tolerant):
     stability_threshold: int | None = None
     confidence_threshold: float | None = None
     stream_drafts: bool | None = False
+    sampler: str | None = None
 
     def effective_max_tokens(self) -> tuple[int | None, str]:
         return self.max_tokens, "max_tokens"
@@ -136,6 +137,9 @@ class _SamplingRequest(_Tolerant):
             raise bad_request("stream_options is only allowed when stream is true", "stream_options")
         if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
             raise bad_request(f"seed={self.seed} is out of range; expected an integer in [-2**63, 2**64)", "seed")
+        if self.sampler is not None and self.sampler not in ("fast", "reference"):
+            raise bad_request(f"sampler={self.sampler!r} is invalid; expected 'fast' (the default) or 'reference'",
+                              "sampler")
         self.stop_list()  # type-checks stop
 
     def stop_list(self) -> list[str]:
@@ -161,7 +165,7 @@ class _SamplingRequest(_Tolerant):
             max_denoising_steps=self.max_denoising_steps, entropy_bound=self.entropy_bound, t_min=self.t_min,
             t_max=self.t_max, stability_threshold=self.stability_threshold,
             confidence_threshold=self.confidence_threshold, stop=self.stop_list(),
-            stream_drafts=bool(self.stream_drafts and self.stream))
+            stream_drafts=bool(self.stream_drafts and self.stream), sampler=self.sampler)
 
     @property
     def include_usage(self) -> bool:

@@ -696,11 +696,14 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def evaluate(model: Any, pairs: Sequence[tuple[str, str | None] | str], *, mode: str = "diffusion",
              batch_size: int = 32, seed: int = 0, max_denoising_steps: int | None = None,
-             progress: Callable[[int, int], None] | None = None, return_rows: bool = False) -> dict[str, Any]:
+             progress: Callable[[int, int], None] | None = None, return_rows: bool = False,
+             sampler: str = "fast") -> dict[str, Any]:
     """Solve `pairs` (puzzle, solution or None) with `model` and score the answers.
 
-    mode "diffusion": `model.generate(prompts, seed=seed + batch_index, max_new_tokens=81, max_denoising_steps=...,
-    eos_token_id=None)` on batches of `batch_size` (every prompt is 82 tokens, so no padding); the answer is the 81
+    mode "diffusion": `model.generate(prompts, seed=..., max_new_tokens=81, max_denoising_steps=...,
+    eos_token_id=None, sampler=sampler)` on batches of `batch_size` (every prompt is 82 tokens, so no padding);
+    seeds: puzzle i gets seed + i with the fast sampler (its answer does not depend on the batching), batch j
+    gets seed + j with the reference sampler (one generator per batch); the answer is the 81
     tokens after the prompt (EOS handling is off: a stray <eos> is just a wrong cell). Steps per puzzle: the
     denoising steps its row used (summed over canvases, one canvas when canvas_length >= 81).
     mode "ar": `model.generate_ar(prompts, max_new_tokens=81)`; 81 steps per puzzle, 1 token per forward.
@@ -729,8 +732,9 @@ def evaluate(model: Any, pairs: Sequence[tuple[str, str | None] | str], *, mode:
         ids = torch.tensor([encode_prompt(tok, p) for p, _ in batch], dtype=torch.long)
         P = ids.shape[1]
         if mode == "diffusion":
-            out = model.generate(ids, seed=seed + bi, max_new_tokens=SUDOKU_CANVAS,
-                                 max_denoising_steps=max_denoising_steps, eos_token_id=None)
+            seeds = seed + bi if sampler == "reference" else [seed + start + r for r in range(len(batch))]
+            out = model.generate(ids, seed=seeds, max_new_tokens=SUDOKU_CANVAS,
+                                 max_denoising_steps=max_denoising_steps, eos_token_id=None, sampler=sampler)
             steps = [int(sum(out.steps_per_canvas[r])) for r in range(len(batch))]
             tpf = [float(x) for x in torch.as_tensor(out.tokens_per_forward).reshape(-1).tolist()]
         else:

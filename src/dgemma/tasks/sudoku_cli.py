@@ -200,6 +200,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    "for --mode)")
     p.add_argument("--mode", choices=("diffusion", "ar"), default="diffusion",
                    help="diffusion (default) or ar: greedy autoregressive decoding")
+    p.add_argument("--sampler", choices=("fast", "reference"), default="fast",
+                   help="diffusion sampler: fast (default) or reference (the transformers reference's RNG and "
+                        "arithmetic)")
     p.add_argument("--device", metavar="DEV", help="e.g. cpu, cuda (default: cuda if available)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, help="compute dtype (default: the checkpoint's)")
 
@@ -358,7 +361,7 @@ def cmd_solve(args: argparse.Namespace) -> int:
         steps, tpf = SUDOKU_CANVAS, 1.0
     else:
         kw: dict[str, Any] = dict(seed=args.seed, max_new_tokens=SUDOKU_CANVAS, max_denoising_steps=args.steps,
-                                  eos_token_id=None)
+                                  eos_token_id=None, sampler=args.sampler)
         if args.watch:
             with SudokuWatcher(tok, Console(stderr=True), puzzle=puzzle) as w:
                 def on_step(info: Any) -> None:
@@ -407,12 +410,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         report = evaluate(model, pairs, mode=args.mode, batch_size=args.batch_size, seed=args.seed,
-                          max_denoising_steps=args.steps, progress=progress)
+                          max_denoising_steps=args.steps, progress=progress, sampler=args.sampler)
     finally:
         finish()
     elapsed = time.perf_counter() - t0
     if args.json:
-        report.update(mode=args.mode, seed=args.seed, elapsed_s=round(elapsed, 3))
+        report.update(mode=args.mode, seed=args.seed, sampler=args.sampler, elapsed_s=round(elapsed, 3))
         print(json.dumps(report))
         return 0
     print(format_report(report, title=f"{model.path or 'model'} · {args.mode} · {report['n']} puzzles · seed "

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import SLIDING
 from ..model import Backbone
+from ..model import Batch as ModelBatch
 
 
 @dataclass
@@ -66,26 +66,18 @@ def corrupt(canvas: torch.Tensor, supervised: torch.Tensor, t: torch.Tensor, voc
 
 
 def encode_clean(bb: Backbone, ids: torch.Tensor, valid: torch.Tensor):
-    """Causal pass over whole right-padded sequences (with gradients). Returns the last hidden state [B, S, H]
-    and each layer's (k, v) [B, g, S, d]."""
+    """Causal pass over whole right-padded sequences (with gradients), through the one forward. Returns the last
+    hidden state [B, S, H] and each layer's (k, v) [B, g, S, d]."""
     B, S = ids.shape
-    dev = ids.device
-    pos = torch.arange(S, device=dev)
-    rope = bb._rope(pos)
-    masks = {}
-    for t in set(bb.cfg.layer_types):
-        allowed = pos[None, :] <= pos[:, None]
-        if t == SLIDING:
-            allowed = allowed & (pos[None, :] > pos[:, None] - bb.cfg.sliding_window)
-        masks[t] = bb._additive(allowed[None] & valid[:, None, :])
-    x = bb.embed(ids)
-    kvs = []
-    for li, layer in enumerate(bb.layers):
-        t = bb.cfg.layer_types[li]
-        q, k, v = layer.self_attn.qkv(layer.input_layernorm(x), *rope[t])
-        x = layer.finish(x, q, k, v, masks[t], layer.enc_layer_scalar)
-        kvs.append((k, v))
-    return x, kvs
+    cache = bb.new_cache(B, S)
+    cache.valid[:, :S] = valid
+    x = bb.forward(ModelBatch.rectangle(ids, 0, canvas=False), cache).view(B, S, -1)
+    C = cache.capacity
+
+    def rows(t: torch.Tensor) -> torch.Tensor:  # [1, g, B·C, d] -> [B, g, S, d]
+        return t.view(t.shape[1], B, C, t.shape[3])[:, :, :S].transpose(0, 1)
+
+    return x, [(rows(k), rows(v)) for k, v in zip(cache.k, cache.v)]
 
 
 def denoise_at(bb: Backbone, canvas: torch.Tensor, start: torch.Tensor, kvs, valid: torch.Tensor,
@@ -94,25 +86,20 @@ def denoise_at(bb: Backbone, canvas: torch.Tensor, start: torch.Tensor, kvs, val
     [0, start[b]) from `kvs` (sliding layers: its last W−1 tokens). Returns fp32 logits [B, L, V]."""
     B, L = canvas.shape
     S = valid.shape[1]
-    dev = canvas.device
-    cpos = start[:, None] + torch.arange(L, device=dev)[None]  # [B, L]
-    rope = bb._rope(cpos)  # per-row positions -> cos/sin [B, L, d]
-    j = torch.arange(S, device=dev)[None, :]
-    masks = {}
-    for t in set(bb.cfg.layer_types):
-        pre = valid & (j < start[:, None])
-        if t == SLIDING:
-            pre = pre & (j >= start[:, None] - (bb.cfg.sliding_window - 1))
-        allowed = torch.cat([pre, pre.new_ones(B, L)], dim=1)[:, None, :].expand(B, L, S + L)
-        masks[t] = bb._additive(allowed)
-    x = bb.self_conditioning(bb.embed(canvas), sc, sc_mask)
-    for li, layer in enumerate(bb.layers):
-        t = bb.cfg.layer_types[li]
-        attn = layer.self_attn
-        q, k, v = attn.qkv(layer.input_layernorm(x), *rope[t])
-        kp, vp = kvs[li]
-        x = layer.finish(x, q, torch.cat([kp, k], 2), torch.cat([vp, v], 2), masks[t], layer.layer_scalar)
-    return bb.logits(x)
+    first, last = int(start.min()), int(start.max()) + L
+    cache = bb.new_cache(B, max(S, last))
+    C = cache.capacity
+    for li, (k, v) in enumerate(kvs):  # the prefix KV as the cache's contents (differentiable: no in-place copy)
+        cache.k[li] = F.pad(k, (0, 0, 0, C - S)).transpose(0, 1).reshape(1, k.shape[1], B * C, -1)
+        cache.v[li] = F.pad(v, (0, 0, 0, C - S)).transpose(0, 1).reshape(1, v.shape[1], B * C, -1)
+    cache.valid[:, :S] = valid
+    j = torch.arange(C, device=canvas.device)
+    cache.valid |= (j >= start[:, None]) & (j < start[:, None] + L)  # the canvas's own keys
+    if sc is not None and sc_mask is not None:
+        sc = sc * sc_mask.to(sc.dtype)[:, None, None]
+    batch = ModelBatch.rectangle(canvas, start, canvas=True, span=(first, last))
+    x = bb.forward(batch, cache, None if sc is None else sc.reshape(B * L, -1))
+    return bb.logits(x).view(B, L, -1)
 
 
 class DiffusionObjective(nn.Module):
