@@ -4,13 +4,14 @@ not depend on the rest of the pass), seeds, and the compiled step."""
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
 
 import dgemma
 from dgemma import sampling
-from dgemma.model import Batch
+from dgemma.model import Batch, ops
 from dgemma.presets import init_checkpoint
 from dgemma.step import Stepper
 
@@ -172,27 +173,52 @@ def test_fast_and_reference_samplers_agree_in_distribution(tiny):
 # ---------------------------------------------------------------------------------------------------------------
 # the compiled step
 # ---------------------------------------------------------------------------------------------------------------
-def test_compiled_forward_and_step_match_eager(tiny):
-    """Under torch.compile(fullgraph=True) (inductor on the CPU, FlexAttention) the forward's logits equal the eager
-    fast forward's within 1e-4, and the whole step (forward + sampler + state updates) builds as one graph and
-    gives the eager step's entropies within 1e-4."""
-    bb, L = tiny.backbone, tiny.config.canvas_length
-    V = tiny.config.text.vocab_size
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    """The tiny preset cut to one sliding and one full layer: the compile tests' cost is per layer."""
+    import dataclasses
+
+    from dgemma.presets import init_from_config, preset_config
+    from dgemma.tokenizer import build_tokenizer
+
+    cfg, gcfg = preset_config("tiny")
+    plc = {i: v for i, v in cfg.text.per_layer_config.items() if i < 2}
+    cfg.text = dataclasses.replace(cfg.text, num_hidden_layers=2, per_layer_config=plc,
+                                   layer_types=["sliding_attention", "full_attention"])
+    out = init_from_config(cfg, gcfg, build_tokenizer(cfg.text.vocab_size), tmp_path_factory.mktemp("micro"))
+    return dgemma.load(out)
+
+
+def test_compiled_forward_matches_eager(micro):
+    """Under torch.compile(fullgraph=True) (inductor) the fast forward's logits equal the eager ones within 1e-4."""
+    bb, L = micro.backbone, micro.config.canvas_length
+    V = micro.config.text.vocab_size
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, V, (13,), generator=g)
     canvas = torch.randint(3, V, (1, L), generator=g)
 
+    pad = ops.gemm_pad(bb.dtype, bb.device)  # probed outside the graph (the step holds its own)
+
     def logits(cache):
-        bb.forward(Batch.rectangle(prompt[None], 0, canvas=False), cache, numerics="fast")
-        x = bb.forward(Batch.rectangle(canvas, 13, canvas=True), cache, numerics="fast")
-        return bb.logits(x)
+        bb.forward(Batch.rectangle(prompt[None], 0, canvas=False), cache, numerics="fast", pad=pad)
+        x = bb.forward(Batch.rectangle(canvas, 13, canvas=True), cache, numerics="fast", pad=pad)
+        return bb.logits(x, pad)
 
     with torch.no_grad():
         eager = logits(bb.new_cache(1, 64))
         compiled = torch.compile(logits, fullgraph=True, dynamic=False)(bb.new_cache(1, 64))
-    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-4)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-4)  # |logits| ~ 5-30: fp32 summation order
 
-    gcfg = tiny.generation_config.merged(max_denoising_steps=6)
+
+@pytest.mark.skipif(not os.environ.get("DGEMMA_SLOW_TESTS"),
+                    reason="compiling the whole step takes ~3 minutes on 2 cores; DGEMMA_SLOW_TESTS=1 runs it "
+                           "(benchmarks/gpu_check.sh does)")
+def test_compiled_step_builds_fullgraph_and_matches_eager(micro):
+    """The whole step (forward + sampler + state updates) builds as one graph (fullgraph=True) and gives the eager
+    step's entropies within 1e-4 and its argmax draft."""
+    bb, L = micro.backbone, micro.config.canvas_length
+    prompt = torch.randint(3, micro.config.text.vocab_size, (13,), generator=torch.Generator().manual_seed(0))
+    gcfg = micro.generation_config.merged(max_denoising_steps=6)
     enc = torch.zeros(5, 1, 16, dtype=torch.long)
     ent = {}
     for on in (False, True):

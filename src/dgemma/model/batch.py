@@ -61,6 +61,9 @@ class Batch:
         return Batch(ids.reshape(-1), pos, slot, anchor, hi, B * S if canvas else 0, ((B, S),), span)
 
 
+SLOT_KEYS = 512  # eager CPU attention reads a slot's keys in multiples of this
+
+
 class Plan:
     """Per-pass attention state shared by all layers: RoPE tables and masks per layer type, KV write indices, the
     product padding. Built once per forward."""
@@ -72,7 +75,7 @@ class Plan:
         self.cfg, self.batch, self.n_canvas = cfg, batch, batch.n_canvas
         self.dense = numerics == "reference"
         self.pad = None if self.dense else (pad or ops.gemm_pad(dtype, batch.ids.device))
-        self.flex = not self.dense and (batch.ids.device.type == "cuda" or torch.compiler.is_compiling())
+        self.flex = not self.dense and batch.ids.device.type == "cuda"
         if not self.dense and not self.flex and batch.rects is None:
             raise ValueError("eager fast attention on a CPU needs the batch as rectangles (Batch.rects)")
         self.kv_index = cache.index(batch.slot, batch.pos)
@@ -104,11 +107,17 @@ class Plan:
         return slots, k_lo, k_hi, m[:, None]
 
     def _slot_masks(self, batch: Batch, cache: KVCache, lo: torch.Tensor, dtype: torch.dtype):
-        """Per rectangle: its rows' slots and the additive mask [B, 1, S, C] over each row's whole slot."""
+        """Per rectangle: its rows' slots and the additive mask [B, 1, S, K] over the first K positions of each
+        row's slot. K is the whole slot under torch.compile (static shapes), else the visible range rounded up to
+        a multiple of 512: masked keys add exact zeros, and MKL's products over K ≥ 512 in steps of 512 give the
+        same bits (checked by the engine's batch-invariance tests)."""
         out, a = [], 0
-        j = torch.arange(cache.capacity, device=lo.device)
         for B, S in batch.rects:
             n = B * S
+            K = cache.capacity
+            if not torch.compiler.is_compiling():
+                K = min(K, max(SLOT_KEYS, -(-int(batch.hi[a:a + n].max()) // SLOT_KEYS) * SLOT_KEYS))
+            j = torch.arange(K, device=lo.device)
             allowed = (j >= lo[a:a + n].view(B, S, 1)) & (j < batch.hi[a:a + n].view(B, S, 1))
             m = torch.zeros(allowed.shape, dtype=dtype, device=lo.device).masked_fill_(~allowed,
                                                                                        torch.finfo(dtype).min)
@@ -126,7 +135,7 @@ class Plan:
             parts, a = [], 0
             for slots, m in mask:
                 B, S = m.shape[0], m.shape[2]
-                k, v = cache.rows(layer, slots, 0, cache.capacity)
+                k, v = cache.rows(layer, slots, 0, m.shape[3])
                 parts.append(ops.dense_attention(q[a:a + B * S].view(B, S, *q.shape[1:]).transpose(1, 2), k, v, m))
                 a += B * S
             return parts[0] if len(parts) == 1 else torch.cat(parts)
