@@ -117,3 +117,18 @@ def load_reference():
         return cache[key]
 
     return load
+
+
+@pytest.fixture(scope="session")
+def micro_checkpoint(tmp_path_factory):
+    """The tiny preset cut to one sliding and one full layer (the compile tests' cost grows with the layers)."""
+    import dataclasses
+
+    from dgemma.presets import init_from_config, preset_config
+    from dgemma.tokenizer import build_tokenizer
+
+    cfg, gcfg = preset_config("tiny")
+    plc = {i: v for i, v in cfg.text.per_layer_config.items() if i < 2}
+    cfg.text = dataclasses.replace(cfg.text, num_hidden_layers=2, per_layer_config=plc,
+                                   layer_types=["sliding_attention", "full_attention"])
+    return init_from_config(cfg, gcfg, build_tokenizer(cfg.text.vocab_size), tmp_path_factory.mktemp("micro"))

@@ -3,7 +3,6 @@ through FlexAttention, the fast sampler on the device, CUDA-graph replay."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
@@ -17,16 +16,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 @pytest.fixture(scope="module")
-def micro(tmp_path_factory):
-    from dgemma.presets import init_from_config, preset_config
-    from dgemma.tokenizer import build_tokenizer
-
-    cfg, gcfg = preset_config("tiny")
-    plc = {i: v for i, v in cfg.text.per_layer_config.items() if i < 2}
-    cfg.text = dataclasses.replace(cfg.text, num_hidden_layers=2, per_layer_config=plc,
-                                   layer_types=["sliding_attention", "full_attention"])
-    out = init_from_config(cfg, gcfg, build_tokenizer(cfg.text.vocab_size), tmp_path_factory.mktemp("micro"))
-    return dgemma.load(out, device="cuda", dtype=torch.float32)
+def micro(micro_checkpoint):
+    return dgemma.load(micro_checkpoint, device="cuda", dtype=torch.float32)
 
 
 def test_compiled_flex_logits_match_eager_dense(micro):

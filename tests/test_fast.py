@@ -174,19 +174,8 @@ def test_fast_and_reference_samplers_agree_in_distribution(tiny):
 # the compiled step
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def micro(tmp_path_factory):
-    """The tiny preset cut to one sliding and one full layer: the compile tests' cost is per layer."""
-    import dataclasses
-
-    from dgemma.presets import init_from_config, preset_config
-    from dgemma.tokenizer import build_tokenizer
-
-    cfg, gcfg = preset_config("tiny")
-    plc = {i: v for i, v in cfg.text.per_layer_config.items() if i < 2}
-    cfg.text = dataclasses.replace(cfg.text, num_hidden_layers=2, per_layer_config=plc,
-                                   layer_types=["sliding_attention", "full_attention"])
-    out = init_from_config(cfg, gcfg, build_tokenizer(cfg.text.vocab_size), tmp_path_factory.mktemp("micro"))
-    return dgemma.load(out)
+def micro(micro_checkpoint):
+    return dgemma.load(micro_checkpoint)
 
 
 def test_compiled_forward_matches_eager(micro):
