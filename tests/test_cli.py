@@ -106,7 +106,8 @@ def test_trim_and_stop(capsys, ckpt):
     assert full["generated_tokens"] == 32 and full["canvases"] == 2  # whole canvases of 16
     trimmed = json.loads(run(capsys, *argv, "--trim", "Hello")[1])
     assert trimmed["generated_tokens"] == 20 and trimmed["completion_ids"] == full["completion_ids"][:20]
-    stop = full["completion"][-6:-3]
+    # a stop string from the completion's last plain word (not from a byte-fallback piece decoded as U+FFFD)
+    stop = next(w for w in reversed(full["completion"].split()) if len(w) >= 3 and w.isascii() and w.isalpha())[:3]
     stopped = json.loads(run(capsys, *argv, "--stop", stop, "Hello")[1])
     assert stopped["finish_reason"] == "stop" and stop not in stopped["completion"]
     assert stopped["settings"]["stop"] == [stop]

@@ -43,7 +43,7 @@ def test_compiled_flex_logits_match_eager_dense(micro):
 def test_fast_sampler_on_cuda_matches_softmax_and_the_cpu():
     V, n, T = 24, 200_000, 0.7
     z = torch.linspace(-3, 2, V)
-    keys = sampling.stream_keys(torch.tensor([[7, 0]]), torch.tensor([0]), torch.tensor([1]), sampling.SAMPLE, n)[0]
+    keys = sampling.stream_keys(torch.tensor([sampling.seed_key(7)]), torch.tensor([0]), torch.tensor([1]), sampling.SAMPLE, n)[0]
     cpu, *_ = sampling.fast_draw(z.expand(n, V), torch.full((n,), T), keys)
     gpu, *_ = sampling.fast_draw(z.cuda().expand(n, V), torch.full((n,), T, device="cuda"), keys.cuda())
     counts = torch.bincount(gpu.cpu(), minlength=V).double()
@@ -63,3 +63,15 @@ def test_cuda_graph_replay_is_deterministic_and_close_to_eager(micro):
     assert torch.equal(a.sequences, b.sequences)
     e = micro.generate(ids, seed=1, compile=False, **kw)
     assert (e.sequences == a.sequences).float().mean() > 0.5
+
+
+def test_ar_token_step_as_a_cuda_graph_matches_eager(micro):
+    """The AR token pass compiled and replayed as a CUDA graph gives eager's greedy tokens (fp32, TF32 off)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ids = torch.tensor([[0, 0, 5, 6, 7], [9, 10, 11, 12, 13]], device="cuda")
+    am = ids != 0
+    eager = micro.generate_ar(ids, am, max_new_tokens=24, eos_token_id=None, compile=False)
+    graph = micro.generate_ar(ids, am, max_new_tokens=24, eos_token_id=None, compile=True)
+    again = micro.generate_ar(ids, am, max_new_tokens=24, eos_token_id=None, compile=True)  # replays
+    assert torch.equal(graph.sequences, again.sequences)
+    assert (graph.sequences == eager.sequences).float().mean() > 0.9

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -30,12 +31,14 @@ def _chi2_limit(df: int, z: float = 5.0) -> float:
 # the sampler
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("T", [0.4, 0.8, 1.5])
-def test_fast_draw_frequencies_match_softmax(T):
+@pytest.mark.parametrize("V,spread", [(24, 3.0), (300, 2.5)])
+def test_fast_draw_frequencies_match_softmax(T, V, spread):
     """2·10^5 draws (one per key) from fixed logits: the frequencies match softmax(z / T) (chi-square), and the
-    test has power: against softmax(z) (temperature ignored) the statistic is far past the limit."""
-    V, n = 24, 200_000
-    z = torch.linspace(-3, 2, V)[torch.randperm(V, generator=torch.Generator().manual_seed(1))]
-    keys = sampling.stream_keys(torch.tensor([[7, 0]]), torch.tensor([0]), torch.tensor([1]), sampling.SAMPLE, n)[0]
+    test has power: against softmax(z) (temperature ignored) the statistic is far past the limit. V = 300 spans
+    three sampling blocks, the last one partly padding."""
+    n = 200_000
+    z = torch.linspace(-spread / 2, spread / 2, V)[torch.randperm(V, generator=torch.Generator().manual_seed(1))]
+    keys = sampling.stream_keys(torch.tensor([sampling.seed_key(7)]), torch.tensor([0]), torch.tensor([1]), sampling.SAMPLE, n)[0]
     samp, *_ = sampling.fast_draw(z.expand(n, V), torch.full((n,), T), keys)
     counts = torch.bincount(samp, minlength=V).double()
 
@@ -44,8 +47,9 @@ def test_fast_draw_frequencies_match_softmax(T):
         return float(((counts - expected) ** 2 / expected).sum())
 
     limit = _chi2_limit(V - 1)
+    assert n * float(torch.softmax(z / T, -1).min()) >= 5  # the χ² approximation holds
     assert chi2(torch.softmax(z / T, -1)) < limit
-    assert chi2(torch.softmax(z, -1)) > 10 * limit
+    assert chi2(torch.softmax(z, -1)) > 5 * limit
 
 
 def test_fast_draw_entropy_argmax_probs_equal_the_reference_functions():
@@ -59,14 +63,14 @@ def test_fast_draw_entropy_argmax_probs_equal_the_reference_functions():
     torch.testing.assert_close(h, sampling.entropy(z), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(p, torch.softmax(z, -1), rtol=1e-5, atol=1e-7)
     assert torch.equal(amax, torch.argmax(z, -1))
-    assert float(h[3]) == pytest.approx(math.log(1000), rel=1e-6) and float(h[5]) == 0.0
+    assert float(h[3]) == pytest.approx(math.log(1000), rel=1e-6) and float(h[5]) < 1e-25
     assert int(samp[5]) == 17 and samp.min() >= 0 and samp.max() < 1000
 
 
 def test_counter_based_draws_depend_only_on_their_key():
     """A draw is a function of (seed, canvas, step, salt, position[, vocabulary index]): the same key gives the
     same numbers in any batch, any other key gives other numbers."""
-    seed = torch.tensor([[1, 0], [2, 0], [1, 1]])
+    seed = torch.tensor([sampling.seed_key(s) for s in (1, 2, 1 + 2 ** 32)])
     one = sampling.stream_keys(seed, torch.tensor([0, 0, 0]), torch.tensor([1, 1, 1]), sampling.SAMPLE, 64)
     assert torch.equal(one[0], sampling.stream_keys(seed[:1], torch.tensor([0]), torch.tensor([1]),
                                                     sampling.SAMPLE, 64)[0])
@@ -81,8 +85,25 @@ def test_counter_based_draws_depend_only_on_their_key():
     assert sampling.hash32(x).unique().numel() == x.numel()  # a bijection: no collisions
     tok = sampling.uniform_tokens(one.reshape(-1), 1000)
     assert tok.min() >= 0 and tok.max() < 1000
-    e = sampling.exponentials(one[0, :4], 5000)
-    assert torch.isfinite(e).all() and (e > 0).all() and abs(float(e.mean()) - 1.0) < 0.05
+    u = sampling.uniforms(one.reshape(-1))
+    assert u.dtype == torch.float64 and u.shape == (192, 2) and (u >= 0).all() and (u < 1).all()
+    assert abs(float(u.mean()) - 0.5) < 0.05 and abs(float(torch.corrcoef(u.t())[0, 1])) < 0.2
+
+
+def test_inverse_cdf_never_draws_a_zero_weight():
+    w = torch.tensor([[0.0, 1.0, 0.0, 3.0, 0.0]]).expand(5, 5)
+    u = torch.tensor([0.0, 0.25 - 1e-12, 0.25, 0.9, 1 - 2 ** -53], dtype=torch.float64)
+    assert sampling.inverse_cdf(w, u).tolist() == [1, 1, 3, 3, 3]
+
+
+def test_fast_draw_has_no_subnormal_probabilities():
+    """Logits far below the maximum get a probability of at most V·2⁻¹²⁶, never a subnormal float (slow on x86);
+    the rest are untouched."""
+    raw = torch.tensor([[0.0, -20.0, -86.0, -200.0] + [-300.0] * 4])
+    _, _, _, p = sampling.fast_draw(raw, torch.ones(1), torch.arange(1))
+    tiny = torch.finfo(torch.float32).tiny
+    assert float(p[0, 1]) == pytest.approx(math.exp(-20), rel=1e-5)
+    assert (p[0, 2:] >= tiny).all() and (p[0, 2:] <= 8 * tiny * 1.001).all()
 
 
 def test_accept_stable_equals_entropy_bound_accept_without_ties():
@@ -111,6 +132,17 @@ def test_same_seed_same_tokens_and_rows_do_not_depend_on_the_batch(tiny):
     for i, p in enumerate(prompts):
         mine = alone[i][len(p):]
         assert torch.equal(out.sequences[i, P:P + len(mine)], mine), f"row {i} changed in a batch"
+
+
+def test_ar_rows_do_not_depend_on_the_batch(tiny):
+    """Greedy AR on the fast forward: a left-padded row gives the tokens it gives alone."""
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(3, 500, (n,), generator=g) for n in (4, 9)]
+    alone = [tiny.generate_ar(p[None], max_new_tokens=20, eos_token_id=None).sequences[0, len(p):] for p in prompts]
+    ids = torch.stack([torch.cat([torch.zeros(9 - len(p), dtype=torch.long), p]) for p in prompts])
+    out = tiny.generate_ar(ids, ids != 0, max_new_tokens=20, eos_token_id=None)
+    for i in range(2):
+        assert torch.equal(out.sequences[i, 9:], alone[i]), f"row {i} changed in a batch"
 
 
 def test_packed_forward_equals_per_request_forward(tiny):
@@ -223,3 +255,16 @@ def test_compiled_step_builds_fullgraph_and_matches_eager(micro):
     torch.testing.assert_close(ent[True][0], ent[False][0], rtol=0, atol=1e-4)
     torch.testing.assert_close(ent[True][1], ent[False][1], rtol=0, atol=1e-4)
     assert torch.equal(ent[True][2], ent[False][2])  # the first step's argmax draft
+
+
+@pytest.mark.skipif(not os.environ.get("DGEMMA_SLOW_TESTS"),
+                    reason="compiling the AR token pass takes minutes on 2 cores; DGEMMA_SLOW_TESTS=1 runs it")
+def test_compiled_ar_step_matches_eager(micro):
+    ids = torch.tensor([[5, 6, 7, 8]])
+    eager = micro.generate_ar(ids, max_new_tokens=12, eos_token_id=None, compile=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no eager fallback
+        compiled = micro.generate_ar(ids, max_new_tokens=12, eos_token_id=None, compile=True)
+    st = next(v for k, v in micro.backbone._dgemma_steppers.items() if k[0] == "ar" and k[-1])
+    assert st._token.compiled is not None and st._token.enabled
+    assert (compiled.sequences == eager.sequences).float().mean() > 0.9

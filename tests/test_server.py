@@ -215,6 +215,8 @@ BAD_REQUESTS = [
     ("POST", "/v1/completions", {"prompt": [5, 99999]}, 400, ["99999", "vocabulary"], "prompt"),
     ("POST", "/v1/completions", {"prompt": "x", "entropy_bound": -1}, 400, ["entropy_bound"], "<any>"),
     ("POST", "/v1/completions", {"prompt": "x", "max_denoising_steps": 0}, 400, ["max_denoising_steps"], "<any>"),
+    ("POST", "/v1/completions", {"prompt": "x", "sampler": "greedy"}, 400, ["sampler", "'fast'", "'reference'"],
+     "sampler"),
     ("POST", "/v1/chat/completions",
      {"messages": [{"role": "user", "content": [{"type": "text", "text": "what is this?"},
                                                 {"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}]},

@@ -182,14 +182,15 @@ class DiffusionGemma:
     @torch.no_grad()
     def generate_ar(self, input_ids: Any, attention_mask: torch.Tensor | None = None, *,
                     max_new_tokens: int | None = None, eos_token_id: Any = UNSET,
-                    pad_token_id: Any = UNSET) -> GenerateOutput:
+                    pad_token_id: Any = UNSET, compile: bool | None = None) -> GenerateOutput:
         """Greedy autoregressive decoding on the same weights (encoder + tied head, KV cache): the baseline the
-        diffusion sampler is compared with. One token per forward; stops at EOS."""
+        diffusion sampler is compared with. One token per forward; stops at EOS. `compile`: as for `generate`
+        (the token pass is compiled, a CUDA graph on CUDA)."""
         ids = self._as_batch(input_ids)
         g = self.resolve_generation_config(max_new_tokens=max_new_tokens)
         eos = g.eos_ids if eos_token_id is UNSET else GenerationConfig(eos_token_id=eos_token_id).eos_ids
         pad = g.pad_token_id if pad_token_id is UNSET else pad_token_id
-        return generate_ar(self.backbone, ids, g.max_new_tokens, attention_mask, eos, pad)
+        return generate_ar(self.backbone, ids, g.max_new_tokens, attention_mask, eos, pad, compile)
 
     def _as_batch(self, input_ids: Any) -> torch.Tensor:
         try:

@@ -193,11 +193,11 @@ def _run_diffusion(model: Any, ids: torch.Tensor, mode: str, new_tokens: int, se
     return stats, out
 
 
-def _run_ar(model: Any, ids: torch.Tensor, new_tokens: int) -> tuple[dict, Any]:
+def _run_ar(model: Any, ids: torch.Tensor, new_tokens: int, compile: bool | None = None) -> tuple[dict, Any]:
     dev = model.device
     _sync(dev)
     t0 = time.perf_counter()
-    out = model.generate_ar(ids, max_new_tokens=new_tokens, eos_token_id=None)
+    out = model.generate_ar(ids, max_new_tokens=new_tokens, eos_token_id=None, compile=compile)
     _sync(dev)
     total = time.perf_counter() - t0
     return dict(total=total, ttft=None, step=None, canvas=None, steps=new_tokens, tpf=1.0), out
@@ -259,7 +259,7 @@ def run_bench(model: Any, *, modes: list[str], prompt_len: int = 128, new_tokens
         _peak_reset(dev)
         for r in range(repeats + 1):  # the first run warms up
             if mode == "ar":
-                stats, out = _run_ar(model, ids, new_tokens)
+                stats, out = _run_ar(model, ids, new_tokens, compile)
             elif mode.startswith("reference-"):
                 stats, out = _run_reference(reference, ids, mode, new_tokens, seed)
             else:

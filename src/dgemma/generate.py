@@ -18,6 +18,7 @@ import torch
 
 from . import sampling
 from .config import GenerationConfig
+from .errors import DGemmaError
 from .model import Backbone
 
 
@@ -274,28 +275,34 @@ class StepView:
 @torch.no_grad()
 def generate_ar(backbone: Backbone, input_ids: torch.Tensor, max_new_tokens: int,
                 attention_mask: torch.Tensor | None = None, eos_ids: list[int] | None = None,
-                pad_id: int | None = None) -> GenerateOutput:
+                pad_id: int | None = None, compile: bool | None = None) -> GenerateOutput:
     """Greedy autoregressive decoding with the same backbone: the causal encoder plus the tied head, one token per
-    forward, reusing the KV cache. Rows stop at EOS; positions after it become pad (like the diffusion path)."""
+    forward on the fast path (`step.ARStepper`), reusing the KV cache. A left-padded row's prompt is its real
+    tokens at positions [0, n). Rows stop at EOS; positions after it become pad (like the diffusion path)."""
+    from .step import ar_stepper_for
+
     dev = backbone.device
-    ids = input_ids.to(dev)
-    B, P0 = ids.shape
-    am = torch.ones(B, P0, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask.to(dev).bool()
-    cache = backbone.new_cache(B, P0 + max_new_tokens)
+    B, P0 = input_ids.shape
+    am = torch.ones(B, P0, dtype=torch.bool) if attention_mask is None else attention_mask.cpu().bool()
+    prompts = [input_ids[b].cpu()[am[b]] for b in range(B)]
+    if any(p.numel() == 0 for p in prompts):
+        raise DGemmaError("every row needs at least one prompt token (its attention_mask row is all False)")
+    lens = torch.tensor([p.numel() for p in prompts])
+    stepper = ar_stepper_for(backbone, B, int(lens.max()) + max_new_tokens, compile)
     eos_t = torch.tensor(eos_ids or [], dtype=torch.long, device=dev)
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
     out = []
-    x = backbone.encode(ids, cache, am, final_norm=False)
-    for _ in range(max_new_tokens):
-        nxt = torch.argmax(backbone.logits(x[:, -1:]), dim=-1)  # [B, 1]
+    nxt = stepper.prefill(prompts)
+    for i in range(max_new_tokens):
         if pad_id is not None:
-            nxt = torch.where(finished[:, None], torch.full_like(nxt, pad_id), nxt)
-        out.append(nxt)
+            nxt = torch.where(finished, pad_id, nxt)
+        out.append(nxt[:, None])
         if len(eos_t):
-            finished |= torch.isin(nxt[:, 0], eos_t)
-        if bool(finished.all()):
+            finished |= torch.isin(nxt, eos_t)
+        if bool(finished.all()) or i == max_new_tokens - 1:
             break
-        x = backbone.encode(nxt, cache, None, final_norm=False)
+        nxt = stepper.step(nxt, lens + i)
+    ids = input_ids.to(dev)
     seq = torch.cat([ids] + out, dim=1)
     n = seq.shape[1] - P0
     return GenerateOutput(sequences=seq, tokens_per_forward=torch.ones(B, device=dev),

@@ -3,15 +3,19 @@
 - The reference form reproduces HF's arithmetic and draw order exactly (dtype of the temperature, entropy via
   normalised log-probs clamped at the dtype minimum, unstable sort, torch's generator), so a seed gives the
   reference's tokens.
-- The fast form (`fast_draw`, `draw_tokens`) draws from the same distributions with a counter-based generator:
-  every random number is a hash of (request seed, canvas, step, position[, vocabulary index]), so a request's
-  draws never depend on its batch, its neighbours or the device, and the sample comes out of the same pass over
-  the logits as the log-sum-exp, the entropy and the argmax.
+- The fast form (`fast_draw`, `uniform_tokens`) draws from the same distributions with a counter-based
+  generator: every random number is a hash of (request seed, canvas, step, salt, position), so a request's draws
+  never depend on its batch, its neighbours or the device. The sample is an inverse-CDF draw over the
+  exponentials the entropy needs anyway (two uniforms per position), the soft embedding's probabilities come
+  from the same pass.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 
 
 def temperature(n: int, N: int, t_min: float, t_max: float, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -95,7 +99,7 @@ def finalize_canvas(new: torch.Tensor, finished: torch.Tensor, eos_ids: list[int
 # computes the same bits without relying on integer overflow)
 # ---------------------------------------------------------------------------------------------------------------
 M32 = 0xFFFFFFFF
-SAMPLE, RENOISE, INIT = 1, 2, 3  # salts: the race's exponentials, the renoising tokens, a canvas's first noise
+SAMPLE, RENOISE, INIT = 1, 2, 3  # stream salts (< 4): the sample, the renoising tokens, a canvas's first noise
 _GOLDEN = 0x9E3779B9
 
 
@@ -111,19 +115,17 @@ def hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def split_seed(seed: int) -> tuple[int, int]:
-    """Any Python int seed as two 32-bit words (seeds are taken modulo 2⁶⁴)."""
+def seed_key(seed: int) -> int:
+    """A request's seed (any Python int, taken modulo 2⁶⁴) as the 32-bit key its streams start from."""
     s = int(seed) % (1 << 64)
-    return s & M32, s >> 32
+    return hash32(hash32((s & M32) ^ 0x6A09E667) ^ (s >> 32))
 
 
-def stream_keys(seed: torch.Tensor, canvas: torch.Tensor, step: torch.Tensor, salt: int, length: int):
-    """Keys [R, length] of one random stream per (request seed [R, 2], canvas [R], step [R], salt, position)."""
-    h = hash32(seed[:, 0] ^ 0x6A09E667)
-    for part in (seed[:, 1], canvas, step):
-        h = hash32(h ^ (part & M32))
-    h = hash32(h ^ salt)
-    return hash32(h[:, None] ^ _mul32(torch.arange(length, device=seed.device), _GOLDEN))
+def stream_keys(key: torch.Tensor, canvas: torch.Tensor, step: torch.Tensor, salt: int, length: int):
+    """Keys [R, length] of one random stream per (request key [R] from `seed_key`, canvas [R], step [R] < 2³⁰,
+    salt < 4, position)."""
+    h = hash32(hash32(key ^ (canvas & M32)) ^ ((step << 2) | salt))
+    return hash32(h[:, None] ^ _mul32(torch.arange(length, device=key.device), _GOLDEN))
 
 
 def uniform_tokens(keys: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -131,27 +133,45 @@ def uniform_tokens(keys: torch.Tensor, vocab: int) -> torch.Tensor:
     return (hash32(keys) * vocab) >> 32
 
 
-def exponentials(keys: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Exp(1) variates [N, vocab] (fp32): the inverse CDF of a uniform in (0, 1) from 23 bits of
-    hash(key, vocabulary index); never 0 or infinite."""
-    bits = hash32(keys[:, None] ^ _mul32(torch.arange(vocab, device=keys.device), _GOLDEN))
-    u = ((bits >> 9) * 2 + 1).float() * (2.0 ** -24)
-    return -torch.log(u)
+BLOCK = 128  # the vocabulary is sampled in two levels: a block of BLOCK entries, then an entry inside it
+
+
+def uniforms(keys: torch.Tensor) -> torch.Tensor:
+    """Two independent uniforms in (0, 1) per key, float64 on a grid of 2⁻³²: [N] -> [N, 2]."""
+    return torch.stack([(hash32(keys ^ c).double() + 0.5) * 2.0 ** -32 for c in (0x243F6A88, 0x85A308D3)], -1)
+
+
+def inverse_cdf(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Index j with Σ_{i<j} w_i ≤ u·Σw < Σ_{i≤j} w_i: a draw from w [N, n] (≥ 0, not all 0) with u [N] in [0, 1).
+    The running sums are float64, so an index is drawn with its probability to within the uniforms' 2⁻³² grid; an
+    entry of weight 0 is never drawn (short of u·Σw rounding up to Σw, which the clamp keeps in range)."""
+    c = w.double().cumsum(-1)
+    return (c <= (u * c[:, -1])[:, None]).sum(-1).clamp(max=w.shape[-1] - 1)
 
 
 def fast_draw(raw: torch.Tensor, T: torch.Tensor, keys: torch.Tensor):
     """One pass over logits raw [N, V] at temperatures T [N]: returns (sample, argmax, entropy, probabilities).
 
-    z = raw / T; the sample is an exponential race, argmax_v p_v / e_v with e ~ Exp(1) (exactly a draw from
-    softmax(z), up to the generator's 23-bit resolution); the entropy is log Σ e^{z−m} − Σ p (z − m)."""
+    z = raw / T; the entropy is log Σ e^{z−m} − Σ p (z − m). The sample is an inverse-CDF draw from softmax(z) in
+    two levels (a block of `BLOCK` entries by the block sums, then an entry inside it, one uniform each), so the
+    only work over [N, V] is the block sums beside the exponentials the entropy needs anyway. Logits more than
+    log(2¹²⁶/V) ≈ 78 below the row's maximum (for V = 8192) are raised to that floor, so no probability is a
+    subnormal float: subnormal arithmetic is many times slower on x86 CPUs (in the exp and in the
+    self-conditioning product). The floor gives such an entry a probability below V·2⁻¹²⁶ (≈ 10⁻³⁴) instead of
+    a smaller one; all of them together move the distribution by less than V²·2⁻¹²⁶."""
+    N, V = raw.shape
     z = raw / T[:, None]
     m, amax = z.max(dim=-1)
-    zs = z - m[:, None]
+    zs = (z - m[:, None]).clamp_(min=math.log(torch.finfo(z.dtype).tiny) + math.log(V))
     e = torch.exp(zs)
-    s = e.sum(-1)
+    eb = (F.pad(e, (0, -V % BLOCK)) if V % BLOCK else e).view(N, -1, BLOCK)
+    block_sums = eb.sum(-1)
+    s = block_sums.sum(-1)
     h = (torch.log(s) - (e * zs).sum(-1) / s).clamp(min=0)
-    sample = torch.argmax(e / exponentials(keys, raw.shape[-1]), dim=-1)
-    return sample, amax, h, e / s[:, None]
+    u = uniforms(keys)
+    blk = inverse_cdf(block_sums, u[:, 0])
+    inside = inverse_cdf(eb.gather(1, blk[:, None, None].expand(N, 1, BLOCK))[:, 0], u[:, 1])
+    return blk * BLOCK + inside, amax, h, e / s[:, None]
 
 
 def accept_stable(h: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:

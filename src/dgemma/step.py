@@ -8,7 +8,9 @@ independent: a row whose canvas is stable and confident (or out of steps) is rep
 and starts its next canvas when the caller encodes the committed one.
 
 The pass and the sampler are one function under `torch.compile` (fullgraph, static shapes per bucket of rows and
-encode tokens); on CUDA each bucket is also captured as a CUDA graph. `DGEMMA_COMPILE=0` runs it eagerly.
+encode tokens); on CUDA each bucket is also captured as a CUDA graph. On a CPU compiling is opt-in
+(`DGEMMA_COMPILE=1`, `compile=True`) and covers the iterations without encodes only; `DGEMMA_COMPILE=0` runs
+everything eagerly.
 """
 
 from __future__ import annotations
@@ -49,14 +51,29 @@ def stepper_for(backbone: Backbone, rows: int, capacity: int, canvas_length: int
                 compile: bool | None = None) -> "Stepper":
     """A Stepper for `rows` rows of at least `capacity` positions, reused across calls (its compiled steps and
     buffers with it): the capacity is rounded up to a power of two (≥ 512) and the last two are kept."""
-    cap = max(512, 1 << (max(capacity, 1) - 1).bit_length())
+    cap = _capacity(capacity)
     on = compile_default(backbone.device) if compile is None else compile
+    return _reuse(backbone, ("diffusion", rows, cap, canvas_length, on),
+                  lambda: Stepper(backbone, rows, cap, canvas_length, on))
+
+
+def ar_stepper_for(backbone: Backbone, rows: int, capacity: int, compile: bool | None = None) -> "ARStepper":
+    """The same for greedy autoregressive decoding."""
+    cap = _capacity(capacity)
+    on = compile_default(backbone.device) if compile is None else compile
+    return _reuse(backbone, ("ar", rows, cap, on), lambda: ARStepper(backbone, rows, cap, on))
+
+
+def _capacity(n: int) -> int:
+    return max(512, 1 << (max(n, 1) - 1).bit_length())
+
+
+def _reuse(backbone: Backbone, key: tuple, make):
     cache = backbone.__dict__.setdefault("_dgemma_steppers", {})
-    key = (rows, cap, canvas_length, on)
     if key not in cache:
         while len(cache) >= 2:
             cache.pop(next(iter(cache)))
-        cache[key] = Stepper(backbone, rows, cap, canvas_length, on)
+        cache[key] = make()
     else:
         cache[key] = cache.pop(key)  # most recently used last
     return cache[key]
@@ -94,7 +111,7 @@ class Stepper:
             return torch.zeros(*shape, dtype=dtype, device=dev)
 
         # per-slot sampler settings (set by `start`)
-        self.seed, self.N, self.S = z(S, 2), z(S), z(S)
+        self.key, self.N, self.S = z(S), z(S), z(S)
         self.t_min, self.t_max = z(S, dtype=torch.float32), z(S, dtype=torch.float32)
         self.bound, self.conf = z(S, dtype=torch.float32), z(S, dtype=torch.float32)
         # per-slot progress and state of the canvas in progress
@@ -110,8 +127,7 @@ class Stepper:
     # -- per-row settings ----------------------------------------------------------------------------------
     def start_row(self, slot: int, gcfg: GenerationConfig, seed: int, start: int) -> None:
         """Set a row's sampler settings; its first canvas starts at position `start` (after its prompt)."""
-        lo, hi = sampling.split_seed(seed)
-        vals = {"seed": torch.tensor([lo, hi]), "N": gcfg.max_denoising_steps, "S": gcfg.stability_threshold,
+        vals = {"key": sampling.seed_key(seed), "N": gcfg.max_denoising_steps, "S": gcfg.stability_threshold,
                 "t_min": gcfg.t_min, "t_max": gcfg.t_max, "bound": gcfg.entropy_bound,
                 "conf": gcfg.confidence_threshold, "start": start, "canvas_idx": 0, "revisions": 0}
         for name, v in vals.items():
@@ -147,8 +163,11 @@ class Stepper:
             enc[2, i, :n] = slot
             enc[3, i] = slot
             enc[4, i, :n] = enc[1, i, :n] + 1
-        fn = self._fn(R, n_seg, S_e)
-        out = fn(rows_t.to(dev), fresh_t.to(dev), enc.to(dev))
+        args = rows_t.to(dev), fresh_t.to(dev), enc.to(dev)
+        # on a CPU only iterations without encodes are compiled: one shape per row bucket (a compile takes minutes
+        # there), and the few iterations that encode run eagerly
+        compiled = self.compile and R and (dev.type != "cpu" or not encodes)
+        out = self._fn(R, n_seg, S_e)(*args) if compiled else self._iterate(*args, begin=any(fresh))
         draft, canvas, acc, h, T, step, commit = (t[:len(rows)].cpu() for t in out)
         return StepOut(rows, draft, canvas, acc, h, T, step, commit)
 
@@ -159,20 +178,19 @@ class Stepper:
         enc[0].zero_(), enc[2:4].fill_(self.scratch), enc[4].zero_()
         return rows, fresh.fill_(True), enc
 
-    def _fn(self, R: int, n_seg: int, S_e: int):
+    def _fn(self, R: int, n_seg: int, S_e: int) -> "_Compiled":
         key = (R, n_seg, S_e)
         if key not in self._fns:
-            self._fns[key] = _Compiled(self._iterate, self.compile, dev=self.bb.device, owner=self) \
-                if R else self._iterate
+            self._fns[key] = _Compiled(self._iterate, self.compile, dev=self.bb.device, owner=self)
         return self._fns[key]
 
-    def _iterate(self, rows: torch.Tensor, fresh: torch.Tensor, enc: torch.Tensor):
+    def _iterate(self, rows: torch.Tensor, fresh: torch.Tensor, enc: torch.Tensor, begin: bool = True):
         """The compiled function: (rows [R], fresh [R], enc [5, n_seg, S_e]) -> per-row results; updates the slot
-        state."""
+        state. `begin=False` (eager only) skips starting canvases: no row is fresh."""
         bb, L, V = self.bb, self.L, self.V
         R = rows.shape[0]
         dev = rows.device
-        if R:
+        if R and begin:
             self._begin_canvas(rows, fresh)
         start = self.start[rows]
         ar = torch.arange(L, device=dev)
@@ -194,12 +212,12 @@ class Stepper:
         # T = t_min + (t_max − t_min)·n/N in fp32 (spec §4.2), per row
         T = self.t_min[rows] + (self.t_max[rows] - self.t_min[rows]) * (n.to(torch.int32) / N)
         step = N - n + 1
-        seed, cidx = self.seed[rows], self.canvas_idx[rows]
-        keys = sampling.stream_keys(seed, cidx, step, sampling.SAMPLE, L).reshape(-1)
+        key, cidx = self.key[rows], self.canvas_idx[rows]
+        keys = sampling.stream_keys(key, cidx, step, sampling.SAMPLE, L).reshape(-1)
         samp, amax, h, p = sampling.fast_draw(raw, T.repeat_interleave(L), keys)
         samp, amax, h = samp.view(R, L), amax.view(R, L), h.view(R, L)
         acc = sampling.accept_stable(h, self.bound[rows])
-        noise = sampling.uniform_tokens(sampling.stream_keys(seed, cidx, step, sampling.RENOISE, L), V)
+        noise = sampling.uniform_tokens(sampling.stream_keys(key, cidx, step, sampling.RENOISE, L), V)
         new = torch.where(acc, samp, noise)
         sc_new = bb.soft_embed_probs(p.to(bb.dtype), self.pad).view(R, L, -1)
         # stable: the argmax equals each of the last S argmax canvases, i.e. the last S+1 are equal (spec §4.4)
@@ -214,8 +232,8 @@ class Stepper:
 
     def _begin_canvas(self, rows: torch.Tensor, fresh: torch.Tensor) -> None:
         """Rows flagged fresh start a canvas: uniform noise (spec §4.7), no self-conditioning, a new history."""
-        seed, cidx = self.seed[rows], self.canvas_idx[rows]
-        noise = sampling.uniform_tokens(sampling.stream_keys(seed, cidx, torch.zeros_like(cidx), sampling.INIT,
+        key, cidx = self.key[rows], self.canvas_idx[rows]
+        noise = sampling.uniform_tokens(sampling.stream_keys(key, cidx, torch.zeros_like(cidx), sampling.INIT,
                                                              self.L), self.V)
         f = fresh[:, None]
         self.canvas.index_copy_(0, rows, torch.where(f, noise, self.canvas[rows]))
@@ -227,6 +245,54 @@ class Stepper:
             t.index_copy_(0, rows, torch.where(fresh, init, t[rows]))
 
 
+class ARStepper:
+    """Greedy autoregressive decoding on the fast forward: each row's prompt is encoded at positions [0, n) of its
+    own KV slot, then every pass feeds one token per row (causal, spec §3.2) and takes the argmax of the tied head.
+    The token pass is compiled like the diffusion step (a CUDA graph on CUDA); the prompt encode runs eagerly."""
+
+    def __init__(self, backbone: Backbone, rows: int, capacity: int, compile: bool | None = None):
+        self.bb, self.rows, self.scratch = backbone, rows, rows
+        self.cache = KVCache(backbone.cfg, rows + 1, capacity, backbone.dtype, backbone.device)
+        self.pad = ops.gemm_pad(backbone.dtype, backbone.device)
+        self.compile = compile_default(backbone.device) if compile is None else compile
+        self.compile_seconds = 0.0
+        self._token = _Compiled(self._token_step, self.compile, dev=backbone.device, owner=self)
+
+    def prefill(self, prompts: list[torch.Tensor]) -> torch.Tensor:
+        """Encode each row's prompt (1-D, no padding) into its slot; returns the first greedy token per row [B]."""
+        dev, B = self.bb.device, len(prompts)
+        S = max(int(p.numel()) for p in prompts)
+        ids = torch.zeros(B, S, dtype=torch.long)
+        real = torch.zeros(B, S, dtype=torch.bool)
+        for b, p in enumerate(prompts):
+            ids[b, :p.numel()], real[b, :p.numel()] = p.cpu(), True
+        pos = torch.arange(S).expand(B, S)
+        rows = torch.arange(B)[:, None].expand(B, S)
+        batch = Batch(ids=ids.reshape(-1), pos=pos.reshape(-1), slot=torch.where(real, rows, self.scratch).reshape(-1),
+                      anchor=pos.reshape(-1), hi=torch.where(real, pos + 1, 0).reshape(-1), n_canvas=0,
+                      rects=((B, S),), row_slot=rows.reshape(-1))
+        batch = Batch(**{k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in vars(batch).items()})
+        x = self.bb.forward(batch, self.cache, numerics="fast", pad=self.pad).view(B, S, -1)
+        last = torch.tensor([int(p.numel()) - 1 for p in prompts], device=dev)
+        return torch.argmax(self.bb.logits(x[torch.arange(B, device=dev), last], self.pad), dim=-1)
+
+    def step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Feed tokens [B] at positions [B] (each row's next position); returns the next greedy token per row."""
+        dev = self.bb.device
+        return self._token(tokens.to(dev), pos.to(dev), torch.arange(self.rows, device=dev))
+
+    def padding_args(self, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        tokens, pos, slots = (a.clone() for a in args)
+        return tokens.zero_(), pos.zero_(), slots.fill_(self.scratch)
+
+    def _token_step(self, tokens: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        B = tokens.shape[0]
+        batch = Batch(ids=tokens, pos=pos, slot=slots, anchor=pos, hi=pos + 1, n_canvas=0, rects=((B, 1),),
+                      row_slot=slots)
+        x = self.bb.forward(batch, self.cache, numerics="fast", pad=self.pad)
+        return torch.argmax(self.bb.logits(x, self.pad), dim=-1)
+
+
 class _Compiled:
     """`torch.compile(fn, fullgraph=True)` for one static bucket, made on first call (its time added to the
     owner's `compile_seconds`); on CUDA replayed as a CUDA graph. Any failure to compile or capture warns once
@@ -234,7 +300,7 @@ class _Compiled:
 
     _warned = False
 
-    def __init__(self, fn, enabled: bool, dev: torch.device, owner: Stepper):
+    def __init__(self, fn, enabled: bool, dev: torch.device, owner: "Stepper | ARStepper"):
         self.fn, self.enabled, self.dev, self.owner = fn, enabled, dev, owner
         self.compiled = None
         self.graph = None

@@ -10,8 +10,8 @@ Two numerics:
 - "reference": the dense backend (the reference's eager attention over a rectangular batch) and plain products:
   the arithmetic of HF transformers, bit for bit on the CPU.
 - "fast": padded products (`ops.Pad`) and an attention whose result for a token does not depend on the other
-  tokens in the pass: FlexAttention under `torch.compile` or on CUDA (block-sparse, any packing); eagerly on a CPU
-  the dense arithmetic over each row's whole KV slot, fixed shapes per row (the packing must then be rectangles).
+  tokens in the pass: FlexAttention on CUDA (block-sparse, any packing); on a CPU `scaled_dot_product_attention`
+  over the first keys of each row's KV slot, fixed shapes per row (the packing must then be rectangles).
 """
 
 from __future__ import annotations
@@ -109,8 +109,8 @@ class Plan:
     def _slot_masks(self, batch: Batch, cache: KVCache, lo: torch.Tensor, dtype: torch.dtype):
         """Per rectangle: its rows' slots and the additive mask [B, 1, S, K] over the first K positions of each
         row's slot. K is the whole slot under torch.compile (static shapes), else the visible range rounded up to
-        a multiple of 512: masked keys add exact zeros, and MKL's products over K ≥ 512 in steps of 512 give the
-        same bits (checked by the engine's batch-invariance tests)."""
+        a multiple of 512: masked keys add exact zeros in whole key blocks of the CPU attention kernel, so the
+        bits do not change (checked by the engine's batch-invariance tests)."""
         out, a = [], 0
         for B, S in batch.rects:
             n = B * S
@@ -136,7 +136,7 @@ class Plan:
             for slots, m in mask:
                 B, S = m.shape[0], m.shape[2]
                 k, v = cache.rows(layer, slots, 0, m.shape[3])
-                parts.append(ops.dense_attention(q[a:a + B * S].view(B, S, *q.shape[1:]).transpose(1, 2), k, v, m))
+                parts.append(ops.sdpa(q[a:a + B * S].view(B, S, *q.shape[1:]).transpose(1, 2), k, v, m))
                 a += B * S
             return parts[0] if len(parts) == 1 else torch.cat(parts)
         slots, k_lo, k_hi, m = mask

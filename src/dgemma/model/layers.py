@@ -29,11 +29,11 @@ class RMSNorm(nn.Module):
 
 
 def rms_norm(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """RMSNorm with an optional scale; without one it is the weightless RMSNorm∅ (v, router, decoder input)."""
-    h = x.float()
-    h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + eps, -0.5)
-    if weight is not None:
-        h = h * weight.float()
+    """RMSNorm with an optional scale; without one it is the weightless RMSNorm∅ (v, router, decoder input).
+    torch's fused kernel computes the reference's `x · (mean(x²) + ε)^-½ · w` with the same bits on a CPU."""
+    if x.dtype == torch.float32 and (weight is None or weight.dtype == torch.float32):
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    h = F.rms_norm(x.float(), (x.shape[-1],), None if weight is None else weight.float(), eps)
     return h.type_as(x)
 
 

@@ -2,8 +2,8 @@
 
 Layers call these and nothing else device-specific:
 - `attention`: "dense" is the reference's eager arithmetic (q·kᵀ + additive mask, fp32 softmax, ·v) over a
-  rectangular batch; "flex" is FlexAttention over any packing of segments, block-sparse, with the mask of
-  `batch.py`. Flex visits a query's key blocks in a fixed order at fixed offsets inside its own KV slot, so its
+  rectangular batch; `sdpa` the same through `scaled_dot_product_attention` (the fast path on a CPU); "flex" is
+  FlexAttention over any packing of segments, block-sparse, with the mask of `batch.py`. Flex visits a query's key blocks in a fixed order at fixed offsets inside its own KV slot, so its
   result does not depend on the other segments in the call or on the cache capacity (tested).
 - `linear` / `grouped_mm`: matrix products. With a `pad` table (the fast path) the row count of every product is
   raised to one whose rows get their canonical bits (see `gemm_pad_table`), so a row never depends on how many
@@ -151,6 +151,16 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     w = torch.matmul(q, k.transpose(2, 3)) + mask
     w = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.matmul(w, v).transpose(1, 2).reshape(B * S, nh * d)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The same attention through `F.scaled_dot_product_attention` (a fused kernel, no [S, n] temporaries in
+    Python, GQA without copying K/V): equal to `dense_attention` within float rounding, not bit for bit. A query's
+    result depends only on its own keys, so it does not change with the batch or with masked keys appended in
+    blocks of 512 (the CPU kernel's key block). Returns [B·S, nh·d]."""
+    B, nh, S, d = q.shape
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=nh != k.shape[1])
+    return o.transpose(1, 2).reshape(B * S, nh * d)
 
 
 def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch.Tensor:
