@@ -257,6 +257,10 @@ class ARStepper:
         self.compile = compile_default(backbone.device) if compile is None else compile
         self.compile_seconds = 0.0
         self._token = _Compiled(self._token_step, self.compile, dev=backbone.device, owner=self)
+        # the prompt encode: compiled too (once per prompt length, no graph) except on a CPU, as for the diffusion
+        # step's encodes
+        self._prefill = _Compiled(self._prefill_step, self.compile and backbone.device.type != "cpu",
+                                  dev=backbone.device, owner=self, graph=False)
 
     def prefill(self, prompts: list[torch.Tensor]) -> torch.Tensor:
         """Encode each row's prompt (1-D, no padding) into its slot; returns the first greedy token per row [B]."""
@@ -268,13 +272,18 @@ class ARStepper:
             ids[b, :p.numel()], real[b, :p.numel()] = p.cpu(), True
         pos = torch.arange(S).expand(B, S)
         rows = torch.arange(B)[:, None].expand(B, S)
-        batch = Batch(ids=ids.reshape(-1), pos=pos.reshape(-1), slot=torch.where(real, rows, self.scratch).reshape(-1),
-                      anchor=pos.reshape(-1), hi=torch.where(real, pos + 1, 0).reshape(-1), n_canvas=0,
-                      rects=((B, S),), row_slot=rows.reshape(-1))
-        batch = Batch(**{k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in vars(batch).items()})
+        meta = torch.stack([ids, pos, torch.where(real, rows, self.scratch), torch.where(real, pos + 1, 0), rows])
+        last = torch.tensor([int(p.numel()) - 1 for p in prompts])
+        return self._prefill(meta.to(dev), last.to(dev))
+
+    def _prefill_step(self, meta: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """meta [5, B, S]: ids, positions, KV slots (padding: the scratch slot), hi (padding: 0, sees nothing) and
+        row slots; last [B]: each row's last prompt index."""
+        B, S = meta.shape[1:]
+        ids, pos, slot, hi, rows = meta.flatten(1)
+        batch = Batch(ids=ids, pos=pos, slot=slot, anchor=pos, hi=hi, n_canvas=0, rects=((B, S),), row_slot=rows)
         x = self.bb.forward(batch, self.cache, numerics="fast", pad=self.pad).view(B, S, -1)
-        last = torch.tensor([int(p.numel()) - 1 for p in prompts], device=dev)
-        return torch.argmax(self.bb.logits(x[torch.arange(B, device=dev), last], self.pad), dim=-1)
+        return torch.argmax(self.bb.logits(x[torch.arange(B, device=x.device), last], self.pad), dim=-1)
 
     def step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Feed tokens [B] at positions [B] (each row's next position); returns the next greedy token per row."""
@@ -295,13 +304,13 @@ class ARStepper:
 
 class _Compiled:
     """`torch.compile(fn, fullgraph=True)` for one static bucket, made on first call (its time added to the
-    owner's `compile_seconds`); on CUDA replayed as a CUDA graph. Any failure to compile or capture warns once
-    and runs `fn` eagerly from then on."""
+    owner's `compile_seconds`); on CUDA replayed as a CUDA graph (unless `graph=False`). Any failure to compile or
+    capture warns once and runs `fn` eagerly from then on."""
 
     _warned = False
 
-    def __init__(self, fn, enabled: bool, dev: torch.device, owner: "Stepper | ARStepper"):
-        self.fn, self.enabled, self.dev, self.owner = fn, enabled, dev, owner
+    def __init__(self, fn, enabled: bool, dev: torch.device, owner: "Stepper | ARStepper", graph: bool = True):
+        self.fn, self.enabled, self.dev, self.owner, self.use_graph = fn, enabled, dev, owner, graph
         self.compiled = None
         self.graph = None
 
@@ -313,7 +322,7 @@ class _Compiled:
                 t = time.perf_counter()
                 self.compiled = torch.compile(self.fn, fullgraph=True, dynamic=False)
                 out = self.compiled(*args)
-                if self.dev.type == "cuda":
+                if self.dev.type == "cuda" and self.use_graph:
                     self.graph = _CudaGraph(self.compiled, self.owner.padding_args(args))
                 self.owner.compile_seconds += time.perf_counter() - t
                 return out
