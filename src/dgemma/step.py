@@ -248,7 +248,8 @@ class Stepper:
 class ARStepper:
     """Greedy autoregressive decoding on the fast forward: each row's prompt is encoded at positions [0, n) of its
     own KV slot, then every pass feeds one token per row (causal, spec §3.2) and takes the argmax of the tied head.
-    The token pass is compiled like the diffusion step (a CUDA graph on CUDA); the prompt encode runs eagerly."""
+    The token pass is compiled like the diffusion step (a CUDA graph on CUDA); the prompt encode is compiled per
+    prompt length on CUDA and runs eagerly on a CPU."""
 
     def __init__(self, backbone: Backbone, rows: int, capacity: int, compile: bool | None = None):
         self.bb, self.rows, self.scratch = backbone, rows, rows
