@@ -79,6 +79,22 @@ def _reuse(backbone: Backbone, key: tuple, make):
     return cache[key]
 
 
+def encode_rectangle(encodes: list[tuple[int, int, torch.Tensor]], n_seg: int, S_e: int, scratch: int):
+    """Encode segments (slot, first position, token ids) as a rectangle [5, n_seg, S_e] of (ids, pos, kv slot,
+    row slot, hi) on the host; padding tokens write their K/V to the `scratch` slot and see nothing (hi = 0)."""
+    enc = torch.zeros(5, n_seg, S_e, dtype=torch.long)
+    enc[1] = torch.arange(S_e)
+    enc[2:4] = scratch
+    for i, (slot, first, ids) in enumerate(encodes):
+        n = int(ids.numel())
+        enc[0, i, :n] = ids.reshape(-1).cpu()
+        enc[1, i, :n] = torch.arange(first, first + n)
+        enc[2, i, :n] = slot
+        enc[3, i] = slot
+        enc[4, i, :n] = enc[1, i, :n] + 1
+    return enc
+
+
 @dataclass
 class StepOut:
     """What one iteration did, per canvas row (tensors on the host, [R, L] unless noted)."""
@@ -151,18 +167,7 @@ class Stepper:
         rows_t[:len(rows)] = torch.tensor(rows, dtype=torch.long)
         fresh_t = torch.ones(R, dtype=torch.bool)
         fresh_t[:len(rows)] = torch.tensor(fresh, dtype=torch.bool)
-        # the encodes as a rectangle [n_seg, S_e] of (ids, pos, kv slot, row slot, hi); padding tokens write their
-        # K/V to the scratch slot and see nothing
-        enc = torch.zeros(5, n_seg, S_e, dtype=torch.long)
-        enc[1] = torch.arange(S_e)
-        enc[2:4] = self.scratch
-        for i, (slot, first, ids) in enumerate(encodes):
-            n = int(ids.numel())
-            enc[0, i, :n] = ids.reshape(-1).cpu()
-            enc[1, i, :n] = torch.arange(first, first + n)
-            enc[2, i, :n] = slot
-            enc[3, i] = slot
-            enc[4, i, :n] = enc[1, i, :n] + 1
+        enc = encode_rectangle(encodes, n_seg, S_e, self.scratch)
         args = rows_t.to(dev), fresh_t.to(dev), enc.to(dev)
         # on a CPU only iterations without encodes are compiled: one shape per row bucket (a compile takes minutes
         # there), and the few iterations that encode run eagerly
@@ -265,23 +270,15 @@ class ARStepper:
 
     def prefill(self, prompts: list[torch.Tensor]) -> torch.Tensor:
         """Encode each row's prompt (1-D, no padding) into its slot; returns the first greedy token per row [B]."""
-        dev, B = self.bb.device, len(prompts)
-        S = max(int(p.numel()) for p in prompts)
-        ids = torch.zeros(B, S, dtype=torch.long)
-        real = torch.zeros(B, S, dtype=torch.bool)
-        for b, p in enumerate(prompts):
-            ids[b, :p.numel()], real[b, :p.numel()] = p.cpu(), True
-        pos = torch.arange(S).expand(B, S)
-        rows = torch.arange(B)[:, None].expand(B, S)
-        meta = torch.stack([ids, pos, torch.where(real, rows, self.scratch), torch.where(real, pos + 1, 0), rows])
+        B, S = len(prompts), max(int(p.numel()) for p in prompts)
+        enc = encode_rectangle([(b, 0, p) for b, p in enumerate(prompts)], B, S, self.scratch)
         last = torch.tensor([int(p.numel()) - 1 for p in prompts])
-        return self._prefill(meta.to(dev), last.to(dev))
+        return self._prefill(enc.to(self.bb.device), last.to(self.bb.device))
 
-    def _prefill_step(self, meta: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-        """meta [5, B, S]: ids, positions, KV slots (padding: the scratch slot), hi (padding: 0, sees nothing) and
-        row slots; last [B]: each row's last prompt index."""
-        B, S = meta.shape[1:]
-        ids, pos, slot, hi, rows = meta.flatten(1)
+    def _prefill_step(self, enc: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """enc [5, B, S] (`encode_rectangle`); last [B]: each row's last prompt index."""
+        B, S = enc.shape[1:]
+        ids, pos, slot, rows, hi = enc.flatten(1)
         batch = Batch(ids=ids, pos=pos, slot=slot, anchor=pos, hi=hi, n_canvas=0, rects=((B, S),), row_slot=rows)
         x = self.bb.forward(batch, self.cache, numerics="fast", pad=self.pad).view(B, S, -1)
         return torch.argmax(self.bb.logits(x[torch.arange(B, device=x.device), last], self.pad), dim=-1)
