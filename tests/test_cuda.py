@@ -75,3 +75,59 @@ def test_ar_token_step_as_a_cuda_graph_matches_eager(micro):
     again = micro.generate_ar(ids, am, max_new_tokens=24, eos_token_id=None, compile=True)  # replays
     assert torch.equal(graph.sequences, again.sequences)
     assert (graph.sequences == eager.sequences).float().mean() > 0.9
+
+
+def test_grouped_mm_backward_in_bf16_matches_per_group_products():
+    """The experts' weight gradient as one grouped product (bf16, the training dtype) equals per-group products."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 32, generator=g).cuda().bfloat16().requires_grad_(True)
+    w = torch.randn(4, 32, 16, generator=g).cuda().bfloat16().requires_grad_(True)
+    offs = torch.tensor([10, 10, 40, 56], dtype=torch.int32, device="cuda")  # an empty group, padding rows
+    up = torch.randn(64, 16, generator=g).cuda().bfloat16()
+    (ops.grouped_mm(x, w, offs)[:56].float() * up[:56].float()).sum().backward()
+    xr, wr = x.detach().float().requires_grad_(True), w.detach().float().requires_grad_(True)
+    yr = torch.cat([xr[0:10] @ wr[0], xr[10:40] @ wr[2], xr[40:56] @ wr[3]])
+    (yr * up[:56].float()).sum().backward()
+    torch.testing.assert_close(w.grad.float(), wr.grad, rtol=2e-2, atol=2e-1)
+    torch.testing.assert_close(x.grad[:56].float(), xr.grad[:56], rtol=2e-2, atol=2e-1)
+    assert bool((w.grad[1] == 0).all())
+
+
+def test_training_step_makes_no_host_sync(micro_checkpoint):
+    """A diffusion training step (device-side batch, bf16 autocast, backward, clipping, fused AdamW) runs without
+    one device-to-host sync after the first (warm-up) step: torch's sync debug mode raises on any."""
+    from dgemma.train.data import Example, TensorData
+    from dgemma.train.objective import DiffusionObjective, ObjectiveConfig
+
+    model = dgemma.load(micro_checkpoint, device="cuda", dtype=torch.float32)
+    bb = model.backbone.train().requires_grad_(True)
+    L = model.config.canvas_length
+    g = torch.Generator().manual_seed(0)
+    V = model.config.text.vocab_size
+    examples = [Example(torch.randint(3, V, (9,), generator=g).tolist(), torch.randint(3, V, (2 * L,), generator=g).tolist())
+                for _ in range(16)]
+    data = TensorData(examples, 0, "cuda")
+    obj = DiffusionObjective(bb, ObjectiveConfig(ar_weight=0.0))
+    params = [p for p in bb.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    host = torch.Generator().manual_seed(0)
+
+    def step(i):
+        batch = data.batch(list(range(8 * (i % 2), 8 * (i % 2) + 8)), L, host).prefix_only()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = obj(batch, gen)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return out["loss"].detach()
+
+    first = step(0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses = [step(i) for i in range(1, 4)]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert all(bool(torch.isfinite(x)) for x in [first, *losses])

@@ -568,3 +568,79 @@ def test_recipe_scripts_prepare_export_sweep(tmp_path):
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "sweep.json").read_text())
     assert set(res) == {"default", "short"} and res["short"]["mean_steps"] <= 2 and res["default"]["n"] == 4
+
+
+def _token_rows(tok, pairs):
+    digits = {d: tok.token_to_id(d) for d in "0123456789"}
+    return torch.tensor([S.encode_prompt(tok, p) + [digits[c] for c in s] + [0] for p, s in pairs])  # + 1 pad
+
+
+def _untokenise(tok, row):
+    table = {tok.token_to_id(d): d for d in "0123456789"}
+    cells = [table[int(i)] for i in row[1:163]]
+    return "".join(cells[:81]), "".join(cells[81:])
+
+
+def test_symmetry_augment_on_token_rows_keeps_puzzles_valid(tok, generated):
+    """The trainer's on-device augmentation: every image is a valid puzzle with the same clue count whose unique
+    solution is the image of the old one; BOS and anything after the 162 cells stay in place."""
+    aug = S.SymmetryAugment(tok, S.SUDOKU_VOCAB_SIZE)
+    ids = _token_rows(tok, generated)
+    out = aug(ids, torch.Generator().manual_seed(0))
+    assert out.shape == ids.shape and out.dtype == ids.dtype
+    assert torch.equal(out[:, 0], ids[:, 0]) and torch.equal(out[:, 163:], ids[:, 163:])
+    for (puzzle, solution), row in zip(generated, out):
+        p, s = _untokenise(tok, row)
+        assert p != puzzle and S.clue_count(p) == S.clue_count(puzzle)
+        assert S.is_valid_solution(s) and S.solves(s, p) and S.count_solutions(p) == 1
+        assert sorted(p.count(d) for d in "123456789") == sorted(puzzle.count(d) for d in "123456789")
+    # fresh images per call and per row; seeded
+    again = aug(ids, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+    many = aug(ids[:1].expand(64, -1), torch.Generator().manual_seed(1))
+    assert len({tuple(r.tolist()) for r in many}) == 64
+    # both orientations occur: rows are permuted among rows (their clue counts keep their multiset) unless the
+    # image is transposed (then the rows carry the old columns' counts)
+    def counts(p):
+        rows = sorted(sum(c != "0" for c in p[9 * r:9 * r + 9]) for r in range(9))
+        cols = sorted(sum(p[9 * r + c] != "0" for r in range(9)) for c in range(9))
+        return rows, cols
+
+    i = next(i for i, (p, _) in enumerate(generated) if counts(p)[0] != counts(p)[1])
+    many = aug(ids[i:i + 1].expand(64, -1), torch.Generator().manual_seed(2))
+    orient = [counts(_untokenise(tok, r)[0]) for r in many]
+    base = counts(generated[i][0])
+    assert all(o in (base, base[::-1]) for o in orient)
+    assert 10 < sum(o == base for o in orient) < 54
+
+
+def test_symmetry_augment_check_names_a_bad_example(tok):
+    from dgemma.train.data import Example
+
+    aug = S.SymmetryAugment(tok, S.SUDOKU_VOCAB_SIZE)
+    good = Example(S.encode_prompt(tok, "0" * 81), [tok.token_to_id("5")] * 81)
+    aug.check([good])
+    with pytest.raises(S.SudokuError, match="example 2: augment='sudoku' needs .* 82-token prompt and a 82-token"):
+        aug.check([good, Example(good.prompt, good.response + [1])])  # an EOS after the answer
+    with pytest.raises(S.SudokuError, match="example 1"):
+        aug.check([Example(good.prompt, [tok.token_to_id("0")] * 81)])  # a blank in the answer
+
+
+def test_training_with_sudoku_augmentation_logs_flops_and_mfu(tiny_dir, generated, tmp_path):
+    from dgemma.train import TrainConfig, train
+
+    data = tmp_path / "sdk.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "completion": s}) + "\n" for p, s in generated))
+    out = tmp_path / "run"
+    cfg = TrainConfig(model=str(tiny_dir), data=str(data), out=str(out), steps=4, batch_size=4, log_every=2,
+                      save_every=100, append_eos=False, ar_weight=0.0, augment="sudoku", peak_tflops=0.5)
+    train(cfg, show_progress=False)
+    import csv
+
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == [2, 4]
+    for r in rows:
+        assert float(r["loss"]) > 0 and float(r["tflops"]) > 0
+        assert abs(float(r["mfu"]) - float(r["tflops"]) / 0.5) <= 1e-3 * float(r["mfu"]) + 1e-4
+    with pytest.raises(S.SudokuError, match="augment='sudoku' needs"):  # the EOS makes it no Sudoku example
+        train(TrainConfig(**{**cfg.__dict__, "append_eos": True, "out": str(tmp_path / "bad")}), show_progress=False)

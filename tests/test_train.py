@@ -205,10 +205,10 @@ def test_diffusion_loss_ignores_unsupervised_targets_and_logits(model, monkeypat
     real = objective_mod.denoise_at
     state = {"perturb": None}
 
-    def fake(bb_, canvas, start, kvs, valid, sc=None, sc_mask=None):
+    def fake(bb_, canvas, start, kvs, valid, sc=None, sc_mask=None, span=None):
         # keep the decoder *input* at unsupervised positions fixed (it legitimately influences every position
         # through bidirectional attention); only the targets and the scored logits there are varied
-        z = real(bb_, torch.where(sup, canvas, batch.canvas), start, kvs, valid, sc, sc_mask)
+        z = real(bb_, torch.where(sup, canvas, batch.canvas), start, kvs, valid, sc, sc_mask, span)
         if state["perturb"] is not None and torch.is_grad_enabled():  # pass 2 only
             z = torch.where(state["perturb"][0][..., None], state["perturb"][1], z)
         return z
@@ -359,9 +359,9 @@ def test_two_pass_self_conditioning_and_gradients_through_encoder_kv(model, monk
     calls, kv_store = [], {}
     real_dn, real_enc = objective_mod.denoise_at, objective_mod.encode_clean
 
-    def spy_dn(bb_, canvas, start, kvs, valid, sc=None, sc_mask=None):
+    def spy_dn(bb_, canvas, start, kvs, valid, sc=None, sc_mask=None, span=None):
         calls.append((torch.is_grad_enabled(), sc is None, None if sc_mask is None else sc_mask.clone()))
-        return real_dn(bb_, canvas, start, kvs, valid, sc, sc_mask)
+        return real_dn(bb_, canvas, start, kvs, valid, sc, sc_mask, span)
 
     def spy_enc(bb_, ids, valid):
         h, kvs = real_enc(bb_, ids, valid)
@@ -588,6 +588,11 @@ def test_max_minutes_stops_saves_and_anneals_by_the_clock(ckpt, data_file, tmp_p
     # the cosine followed the clock: the last step's lr is far below the peak although step << steps
     assert float(rows[-1]["lr"]) < 0.5e-3, rows[-1]
     dgemma.load(final, device="cpu")
+    # one process reads the clock every step, not only on log steps: a run logging rarely still stops on time
+    now[0] = 0.0
+    rare = train(_cfg(ckpt, data_file, tmp_path / "rare", steps=1000, max_minutes=0.5, log_every=500,
+                      save_every=1000, warmup_steps=1), show_progress=False)
+    assert 5 <= int(rare.name.split("-")[1]) < 30, rare
 
 
 def test_lr_schedule_takes_the_larger_of_step_and_clock_progress():
@@ -947,3 +952,105 @@ def test_load_jsonl_errors(model, tmp_path):
     with pytest.raises(DataError, match=r"no usable examples \(dropped 1 longer than max_len=8\)"):
         load_jsonl(long, tok, max_len=8)
     assert issubclass(DataError, DGemmaError)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# throughput pieces: the grouped product's backward, the FLOP count, the device-side data
+def test_grouped_mm_backward_matches_per_group_products():
+    """The experts' backward (one grouped product for the weight gradient where torch has it, else a loop) equals
+    plain per-group products, empty groups and rows past the last offset included."""
+    from dgemma.model import ops
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(24, 8, generator=g, requires_grad=True)
+    w = torch.randn(3, 8, 4, generator=g, requires_grad=True)
+    offs = torch.tensor([5, 5, 20], dtype=torch.int32)  # group 1 empty; rows 20-23 are padding
+    y = ops.grouped_mm(x, w, offs)
+    up = torch.randn(24, 4, generator=g)
+    (y[:20] * up[:20]).sum().backward()
+    xr, wr = x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
+    yr = torch.cat([xr[0:5] @ wr[0], xr[5:20] @ wr[2]])
+    (yr * up[:20]).sum().backward()
+    assert torch.allclose(y[:20], yr, atol=1e-5)
+    assert torch.allclose(x.grad[:20], xr.grad[:20], atol=1e-5)
+    assert torch.allclose(w.grad, wr.grad, atol=1e-5) and bool((w.grad[1] == 0).all())
+
+
+def test_flop_model_counts_the_decoder_pass_products(model):
+    """FlopModel's count of a decoder pass equals torch's FLOP counter over the same pass (linear layers, the
+    experts' grouped products, attention and the head)."""
+    from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
+
+    from dgemma.train.flops import FlopModel
+
+    @register_flop_formula(torch.ops.dgemma.grouped_mm)
+    def _gmm_flops(x_shape, w_shape, offs_shape, *args, out_shape=None, **kw):
+        return 2 * x_shape[0] * x_shape[1] * w_shape[2]
+
+    bb = model.backbone
+    fm = FlopModel.of(bb)
+    W = bb.cfg.sliding_window
+    g = torch.Generator().manual_seed(0)
+    for B, P in ((3, 20), (2, W + 9)):  # the whole prefix visible; the sliding layers' window cuts it
+        ids = torch.randint(4, V, (B, P), generator=g)
+        canvas = torch.randint(4, V, (B, L), generator=g)
+        ok = torch.ones(B, P, dtype=torch.bool)
+        with torch.no_grad():
+            with FlopCounterMode(display=False) as enc_count:
+                _, kvs = encode_clean(bb, ids, ok)
+            with FlopCounterMode(display=False) as dec_count:
+                denoise_at(bb, canvas, torch.full((B,), P), kvs, ok)
+        dec = fm.forward(B * L, P, L, head=True)
+        assert abs(dec_count.get_total_flops() - dec) <= 1e-6 * dec, (dec_count.get_total_flops(), dec)
+        # the dense reference attention computes every key of the rectangle (masked ones too): the model count,
+        # which takes only the visible keys, is below it by at most the masked half of the causal square
+        enc, counted = fm.forward(B * P, 0, P, causal=True), enc_count.get_total_flops()
+        assert 0.75 * counted <= enc <= counted, (counted, enc)
+    assert fm.step(B, P, L, P) > 4 * dec  # the step: encoder fwd+bwd, pass 1, pass 2 fwd+bwd
+
+
+def test_tensor_data_batches_on_the_device_side_equal_collate():
+    from dgemma.train.data import TensorData
+
+    examples = [Example(_toks(p, 10 + i), _toks(r, 20 + i)) for i, (p, r) in enumerate([(3, 1), (5, 16), (4, 40)])]
+    data = TensorData(examples, 0)
+    assert data.ids.dtype == torch.int32 and len(data) == 3
+    a = data.batch([2, 0], L, torch.Generator().manual_seed(4))
+    b = collate([examples[2], examples[0]], L, 0, torch.Generator().manual_seed(4))
+    for f in ("ids", "valid", "canvas_start", "supervised", "canvas", "response"):
+        assert torch.equal(getattr(a, f), getattr(b, f)), f
+    assert a.span == (int(a.canvas_start.min()), int(a.canvas_start.max()) + L)
+    assert a.tokens == int(a.valid.sum()) + int(a.supervised.sum())
+    short = a.prefix_only()
+    assert short.ids.shape[1] == int(a.canvas_start.max()) and short.span == a.span
+    marked = data.batch([1], L, None, transform=lambda ids: ids + 1)  # the transform sees the rows first
+    assert torch.equal(marked.ids[0, :21], torch.tensor(examples[1].prompt + examples[1].response) + 1)
+    with pytest.raises(DataError, match="example 1 of the batch has an empty response"):
+        TensorData([examples[0], Example([2], [])], 0)
+
+
+@pytest.mark.skipif(not os.environ.get("DGEMMA_SLOW_TESTS"),
+                    reason="compiling the objective takes a minute or two on 2 cores; DGEMMA_SLOW_TESTS=1 runs it")
+@pytest.mark.xfail(strict=True, reason="known bug: compiled gradients of the attention keys differ from eager; the "
+                   "trainer refuses compile=true until this passes")
+def test_compiled_objective_gives_the_eager_gradients(model):
+    bb = model.backbone.train().requires_grad_(True)
+    batch = _mixed_batch().prefix_only()
+    obj = DiffusionObjective(bb, ObjectiveConfig(ar_weight=0.0))
+
+    def run(f):
+        bb.zero_grad(set_to_none=True)
+        out = f(batch, torch.Generator().manual_seed(5))
+        out["loss"].backward()
+        return float(out["loss"]), {n: p.grad.clone() for n, p in bb.named_parameters() if p.grad is not None}
+
+    (le, ge), (lc, gc) = run(obj), run(torch.compile(obj))
+    assert abs(le - lc) <= 1e-4 * max(1.0, le)
+    for n in ge:
+        err = float((gc[n] - ge[n]).norm() / ge[n].norm().clamp_min(1e-12))
+        assert err < 1e-3, f"{n}: relative gradient difference {err:.2e}"
+
+
+def test_compile_true_is_refused_with_the_reason(ckpt, data_file, tmp_path):
+    with pytest.raises(DGemmaError, match="compile=true is disabled"):
+        _cfg(ckpt, data_file, tmp_path / "c", compile=True).validate()

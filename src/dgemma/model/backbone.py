@@ -62,12 +62,13 @@ class Backbone(nn.Module):
     def device(self) -> torch.device:
         return self.embed_tokens.weight.device
 
-    def embed_scale(self) -> torch.Tensor:
-        """√H as an fp32 scalar cast to the model dtype (53.0 in bf16 for H=2816, spec §1.3)."""
-        return torch.tensor(math.sqrt(self.cfg.hidden_size), dtype=torch.float32).to(self.dtype)
+    def embed_scale(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """√H as an fp32 scalar cast to the model dtype (53.0 in bf16 for H=2816, spec §1.3). Made on `device` by
+        a fill, not copied there: a host-to-device copy would make the host wait for the GPU."""
+        return torch.full((), math.sqrt(self.cfg.hidden_size), dtype=torch.float32, device=device).to(self.dtype)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.embed_tokens.weight) * self.embed_scale().to(ids.device)
+        return F.embedding(ids, self.embed_tokens.weight) * self.embed_scale(ids.device)
 
     # ----------------------------------------------------------------------------------------------------------
     def forward(self, batch: Batch, cache: KVCache, sc: torch.Tensor | None = None, numerics: str = "reference",
@@ -77,6 +78,8 @@ class Backbone(nn.Module):
         sc: the self-conditioning signal [n_canvas, H] of the canvas tokens (`soft_embed`), None for none.
         numerics: "reference" (HF's arithmetic, rectangular batches) or "fast" (any packing, batch-invariant;
         `pad`: the product padding, `ops.gemm_pad` by default)."""
+        if next(iter(self.inv_freq.values())).device != batch.ids.device:  # moved once, not copied per pass
+            self.inv_freq = {t: f.to(batch.ids.device) for t, f in self.inv_freq.items()}
         plan = Plan(batch, cache, self.cfg, self.inv_freq, self.dtype, numerics, pad)
         x = self.embed(batch.ids)
         n = batch.n_canvas
@@ -108,7 +111,7 @@ class Backbone(nn.Module):
             out = torch.matmul(p, self.embed_tokens.weight)
         else:
             out = ops.linear(p.reshape(-1, p.shape[-1]), self.embed_tokens.weight.t(), pad).view(*p.shape[:-1], -1)
-        return out * self.embed_scale().to(p.device)
+        return out * self.embed_scale(p.device)
 
     # -- the rectangular forms (the reference generate loop, the API's lower level, tests) ---------------------
     def new_cache(self, batch: int, capacity: int) -> KVCache:

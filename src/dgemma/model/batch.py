@@ -51,7 +51,10 @@ class Batch:
         (min start, max start + S)). Canvas rows see their whole row; encode rows are causal."""
         B, S = ids.shape
         dev = ids.device
-        start_t = torch.as_tensor(start, device=dev).reshape(-1, 1).expand(B, 1)
+        if isinstance(start, int):  # a fill on the device, not a host-to-device copy (which waits for the GPU)
+            start_t = torch.full((B, 1), start, dtype=torch.long, device=dev)
+        else:
+            start_t = start.to(dev).reshape(-1, 1).expand(B, 1)
         pos = (start_t + torch.arange(S, device=dev)).reshape(-1)
         if span is None:
             span = (int(start), int(start) + S)

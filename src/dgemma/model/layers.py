@@ -156,7 +156,8 @@ class Experts(nn.Module):
         E = self.num_experts
         flat = idx.reshape(-1)
         sorted_ids, perm = torch.sort(flat, stable=pad is not None)
-        counts = torch.bincount(flat, minlength=E)
+        counts = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
+        # (not bincount: on CUDA it reads the largest id back to the host, a sync per layer)
         grow = pad is not None and pad.extra > 0
         if not grow:  # rows in sorted order, groups as they come
             offs = torch.cumsum(counts, 0, dtype=torch.int32)

@@ -39,7 +39,7 @@ __all__ = [
     "SUDOKU_CANVAS", "SUDOKU_VOCAB_SIZE", "SUDOKU_TOKENS", "BUCKETS",
     "SudokuError", "PuzzleFormatError",
     "parse_grid", "solve", "count_solutions", "is_valid_solution", "solves", "clue_count", "check_answer",
-    "generate_puzzles", "augment", "checked_pair", "write_puzzle_file", "read_puzzle_file",
+    "generate_puzzles", "augment", "SymmetryAugment", "checked_pair", "write_puzzle_file", "read_puzzle_file",
     "build_sudoku_tokenizer", "encode_prompt", "decode_answer",
     "score", "bucket_of", "evaluate", "format_board", "default_model_dir",
     "SudokuWatcher", "add_sudoku_parser",
@@ -520,6 +520,68 @@ def augment(puzzle: str, solution: str, rng: random.Random) -> tuple[str, str]:
         return "".join(cells)
 
     return image(p), image(s)
+
+
+class SymmetryAugment:
+    """`augment` for tokenised batches on the training device: a fresh random symmetry per row and per call, so a
+    training set of N puzzles gives a new image of every puzzle each epoch with no extra data on disk.
+
+    Rows are laid out as the trainer's Sudoku examples are: BOS, the 81 puzzle cells, the 81 solution cells
+    (`encode_prompt` + the solution's digits), anything after left alone. The same cell permutation (bands, stacks,
+    rows within bands, columns within stacks, an optional transposition) and the same relabelling of the digits
+    1–9 are applied to a row's puzzle and its solution; blanks stay blanks. `check(examples)` says, before training,
+    whether every example has that layout."""
+
+    CELLS = 2 * SUDOKU_CANVAS  # puzzle + solution, after BOS
+
+    def __init__(self, tokenizer: Any, vocab_size: int):
+        import torch
+
+        digits = [tokenizer.token_to_id(str(d)) for d in range(10)]
+        if any(i is None for i in digits):
+            raise SudokuError("Sudoku augmentation needs a tokenizer with single-character digit tokens 0-9 "
+                              "(build_sudoku_tokenizer())")
+        self.bos = tokenizer.bos_token_id
+        self.digit_ids = torch.tensor(digits)  # digit d -> token id
+        self.digit_of = torch.full((vocab_size,), -1, dtype=torch.long)  # token id -> digit (-1: not a digit)
+        self.digit_of[self.digit_ids] = torch.arange(10)
+
+    def check(self, examples: Sequence[Any]) -> None:
+        """Raise SudokuError naming the first example that is not BOS + 81 puzzle digits -> 81 solution digits 1-9."""
+        digit = set(self.digit_ids.tolist())
+        nonzero = set(self.digit_ids[1:].tolist())
+        for n, e in enumerate(examples):
+            ok = (len(e.prompt) == SUDOKU_CANVAS + 1 and len(e.response) == SUDOKU_CANVAS and e.prompt[0] == self.bos
+                  and all(i in digit for i in e.prompt[1:]) and all(i in nonzero for i in e.response))
+            if not ok:
+                raise SudokuError(
+                    f"example {n + 1}: augment='sudoku' needs every example to be a puzzle of 81 digits (0 for a "
+                    f"blank) answered by its 81 solution digits, without an EOS (append_eos = false); this one has "
+                    f"a {len(e.prompt)}-token prompt and a {len(e.response)}-token response")
+
+    def __call__(self, ids: "torch.Tensor", generator: "torch.Generator | None" = None) -> "torch.Tensor":
+        import torch
+
+        B, dev = ids.shape[0], ids.device
+        if ids.shape[1] < 1 + self.CELLS:
+            raise SudokuError(f"Sudoku rows need at least {1 + self.CELLS} tokens; got {ids.shape[1]}")
+
+        def lines() -> torch.Tensor:  # [B, 9]: a permutation of 0..8 per row that keeps bands (stacks) together
+            bands = torch.rand(B, 3, generator=generator, device=dev).argsort(1)
+            within = torch.rand(B, 3, 3, generator=generator, device=dev).argsort(2)
+            return (3 * bands[:, :, None] + within).reshape(B, 9)
+
+        rows, cols = lines(), lines()
+        src = rows[:, :, None] * 9 + cols[:, None, :]  # new cell (r, c) takes old cell (rows[r], cols[c])
+        flip = torch.rand(B, generator=generator, device=dev) < 0.5
+        src = torch.where(flip[:, None, None], src.transpose(1, 2), src).reshape(B, 1, SUDOKU_CANVAS)
+        relabel = torch.cat([torch.zeros(B, 1, dtype=torch.long, device=dev),  # blanks stay blanks
+                             torch.rand(B, 9, generator=generator, device=dev).argsort(1) + 1], 1)
+        cells = ids[:, 1:1 + self.CELLS].reshape(B, 2, SUDOKU_CANVAS)
+        cells = cells.gather(2, src.expand(B, 2, SUDOKU_CANVAS))
+        d = self.digit_of.to(dev)[cells].reshape(B, self.CELLS)
+        new = self.digit_ids.to(dev)[relabel.gather(1, d)]
+        return torch.cat([ids[:, :1], new.to(ids.dtype), ids[:, 1 + self.CELLS:]], 1)
 
 
 # ===========================================================================================================

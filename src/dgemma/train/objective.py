@@ -40,20 +40,23 @@ class Batch:
     supervised: torch.Tensor  # [B, L] bool: canvas positions holding response tokens (scored, corruptible)
     canvas: torch.Tensor  # [B, L] clean canvas tokens (pad where not supervised)
     response: torch.Tensor  # [B, S] bool: response tokens (targets of the AR baseline's loss)
+    span: tuple[int, int] | None = None  # host ints: the lowest canvas start and the highest start + L (no sync)
+    tokens: int = 0  # host int: real plus supervised tokens (the trainer's tokens/s count)
 
     def prefix_only(self) -> "Batch":
         """Drop the columns at and after the latest chosen canvas. Without the encoder's next-token loss nothing
         reads them (the decoder sees only the prefix before its canvas), so the loss is unchanged and the encoder
         pass is shorter: half as long for a one-canvas answer such as Sudoku's."""
-        keep = max(1, int(self.canvas_start.max()))
+        L = self.canvas.shape[1]
+        keep = max(1, (self.span[1] - L) if self.span is not None else int(self.canvas_start.max()))
         if keep >= self.ids.shape[1]:
             return self
         return Batch(self.ids[:, :keep], self.valid[:, :keep], self.canvas_start, self.supervised, self.canvas,
-                     self.response[:, :keep])
+                     self.response[:, :keep], self.span, self.tokens)
 
     def to(self, device: torch.device) -> "Batch":
         return Batch(*(getattr(self, f).to(device) for f in
-                       ("ids", "valid", "canvas_start", "supervised", "canvas", "response")))
+                       ("ids", "valid", "canvas_start", "supervised", "canvas", "response")), self.span, self.tokens)
 
 
 def corrupt(canvas: torch.Tensor, supervised: torch.Tensor, t: torch.Tensor, vocab: int,
@@ -81,12 +84,14 @@ def encode_clean(bb: Backbone, ids: torch.Tensor, valid: torch.Tensor):
 
 
 def denoise_at(bb: Backbone, canvas: torch.Tensor, start: torch.Tensor, kvs, valid: torch.Tensor,
-               sc: torch.Tensor | None = None, sc_mask: torch.Tensor | None = None) -> torch.Tensor:
+               sc: torch.Tensor | None = None, sc_mask: torch.Tensor | None = None,
+               span: tuple[int, int] | None = None) -> torch.Tensor:
     """Decoder pass over canvases [B, L] at per-row positions start[b] + [0, L), reading the clean prefix
-    [0, start[b]) from `kvs` (sliding layers: its last W−1 tokens). Returns fp32 logits [B, L, V]."""
+    [0, start[b]) from `kvs` (sliding layers: its last W−1 tokens). `span` = (min start, max start + L) as host
+    ints, if known (else read from `start`: a device sync). Returns fp32 logits [B, L, V]."""
     B, L = canvas.shape
     S = valid.shape[1]
-    first, last = int(start.min()), int(start.max()) + L
+    first, last = span if span is not None else (int(start.min()), int(start.max()) + L)
     cache = bb.new_cache(B, max(S, last))
     C = cache.capacity
     for li, (k, v) in enumerate(kvs):  # the prefix KV as the cache's contents (differentiable: no in-place copy)
@@ -122,10 +127,10 @@ class DiffusionObjective(nn.Module):
         h, kvs = encode_clean(bb, batch.ids, batch.valid)
         with torch.no_grad():  # pass 1: no signal, no gradients
             first = denoise_at(bb, noisy, batch.canvas_start, [(k.detach(), v.detach()) for k, v in kvs],
-                               batch.valid)
+                               batch.valid, span=batch.span)
             sc = bb.soft_embed(first)
         use_sc = torch.rand(B, generator=generator, device=dev) < cfg.sc_prob
-        logits = denoise_at(bb, noisy, batch.canvas_start, kvs, batch.valid, sc, use_sc)
+        logits = denoise_at(bb, noisy, batch.canvas_start, kvs, batch.valid, sc, use_sc, batch.span)
         ce = F.cross_entropy(logits.transpose(1, 2), batch.canvas, reduction="none")  # [B, L]
         sup = batch.supervised.float()
         if cfg.weighting == "inv_1mt":

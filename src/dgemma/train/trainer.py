@@ -22,7 +22,8 @@ import torch.distributed as dist
 
 from ..api import load
 from ..errors import DGemmaError
-from .data import collate, load_jsonl
+from .data import TensorData, load_jsonl
+from .flops import FlopModel, peak_tflops
 from .lora import apply_lora, export_state, lora_state
 from .objective import DiffusionObjective, ObjectiveConfig
 
@@ -57,6 +58,8 @@ class TrainConfig:
     seed: int = 0
     max_minutes: float = 0.0  # > 0: stop (and save) after this much training time; cosine follows the clock
     compile: bool = False  # torch.compile the objective (fuses the elementwise work; compiling takes a minute or two)
+    augment: str = "none"  # "sudoku": a fresh random symmetry of every Sudoku example each time it is drawn
+    peak_tflops: float = 0.0  # the device's peak for the MFU column (0: the known GPUs' bf16 peak; none on a CPU)
     device: str | None = None
     tensorboard: bool = False
 
@@ -88,6 +91,9 @@ class TrainConfig:
             raise DGemmaError(f"max_minutes={self.max_minutes!r} is invalid; expected a number >= 0 (0 = no limit)")
         if not isinstance(self.compile, bool):
             raise DGemmaError(f"compile={self.compile!r} is invalid; expected true or false")
+        if self.compile:
+            raise DGemmaError("compile=true is disabled: under torch.compile the gradients of the attention keys "
+                              "differ from eager training (a known bug, see docs/training.md); use compile=false")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise DGemmaError(f"lr={self.lr!r} is invalid; expected a number > 0")
         if not 0 <= self.sc_prob <= 1:
@@ -98,6 +104,11 @@ class TrainConfig:
             raise DGemmaError(f"objective={self.objective!r} is invalid; expected 'diffusion' or 'ar'")
         if self.weighting not in ("none", "inv_1mt"):
             raise DGemmaError(f"weighting={self.weighting!r} is invalid; expected 'none' or 'inv_1mt'")
+        if self.augment not in ("none", "sudoku"):
+            raise DGemmaError(f"augment={self.augment!r} is invalid; expected 'none' or 'sudoku'")
+        if isinstance(self.peak_tflops, bool) or not isinstance(self.peak_tflops, (int, float)) \
+                or not self.peak_tflops >= 0:
+            raise DGemmaError(f"peak_tflops={self.peak_tflops!r} is invalid; expected a number >= 0 (0 = auto)")
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:
@@ -179,6 +190,15 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
             del resumed
 
     examples = load_jsonl(cfg.data, model.tokenizer, max_len=cfg.max_len, append_eos=cfg.append_eos)
+    transform = None
+    if cfg.augment == "sudoku":
+        from ..tasks.sudoku import SymmetryAugment
+
+        augment = SymmetryAugment(model.tokenizer, model.config.text.vocab_size)
+        augment.check(examples)
+    pad = model.generation_config.pad_token_id if model.generation_config.pad_token_id is not None else 0
+    data = TensorData(examples, pad, device)  # the ids live on the device: a batch is one gather there
+    del examples
     objective = DiffusionObjective(bb, ObjectiveConfig(cfg.t_lo, cfg.sc_prob, cfg.ar_weight, cfg.weighting,
                                                         mode=cfg.objective))
     wrapped: torch.nn.Module = objective
@@ -188,8 +208,14 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
     prefix_only = cfg.objective == "diffusion" and cfg.ar_weight == 0  # nothing reads the rest: a shorter encode
     run = torch.compile(wrapped) if cfg.compile else wrapped  # the MoE's grouped GEMM stays eager (layers.py)
     params = [p for p in bb.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                            fused=device.type == "cuda")  # one kernel per step on CUDA
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
+    if cfg.augment == "sudoku":
+        def transform(ids: torch.Tensor) -> torch.Tensor:
+            return augment(ids, gen)
+    flop_model = FlopModel.of(bb)
+    peak = cfg.peak_tflops or (peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None)
     data_gen = torch.Generator().manual_seed(cfg.seed)
     order: list[int] = []  # the rest of this rank's current epoch
     if trainer_state is not None:
@@ -200,7 +226,6 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
         order = list(mine["order"])
 
     L = model.config.canvas_length
-    pad = model.generation_config.pad_token_id if model.generation_config.pad_token_id is not None else 0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
     tf32 = torch.backends.cuda.matmul.allow_tf32
     if device.type == "cuda":
@@ -209,18 +234,23 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
     warmup_s = float(trainer_state.get("warmup_s", 0.0)) if trainer_state is not None else 0.0
     log_f, writer, tb = None, None, None
     if rank == 0:
+        header = ["step", "loss", "diffusion_loss", "ar_loss", "canvas_accuracy", "lr", "tokens_per_s",
+                  "elapsed_s", "tflops", "mfu"]
         new = not (out / "metrics.csv").exists()
+        if not new:  # a run resumed from before the FLOP columns existed keeps its columns
+            with open(out / "metrics.csv") as fh:
+                columns = len(fh.readline().strip().split(","))
         log_f = open(out / "metrics.csv", "a", newline="")
         writer = csv.writer(log_f)
         if new:
-            writer.writerow(["step", "loss", "diffusion_loss", "ar_loss", "canvas_accuracy", "lr", "tokens_per_s",
-                             "elapsed_s"])
+            writer.writerow(header)
+            columns = len(header)
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             tb = SummaryWriter(str(out / "tb"))
     progress = _Progress(cfg.steps, start_step, enabled=show_progress and rank == 0)
-    t0, tokens, acc, acc_steps = time.perf_counter(), 0, {}, 0
+    t0, tokens, flops, acc, acc_steps = time.perf_counter(), 0, 0.0, {}, 0
     step, done, trained_s, saved_at = start_step, start_step, prior_s, start_step
 
     def save(at: int) -> None:
@@ -229,9 +259,10 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
 
     try:
         for step in range(start_step, cfg.steps):
-            if cfg.max_minutes > 0 and (step == start_step or step % cfg.log_every == 0
+            if cfg.max_minutes > 0 and (world == 1 or step == start_step or step % cfg.log_every == 0
                                         or step == cfg.warmup_steps):
-                # rank 0's clock, shared every log_every steps (one broadcast, not one per step)
+                # one process: the clock every step; DDP: rank 0's clock, shared every log_every steps (one
+                # broadcast, not one per step)
                 trained_s = _clock(prior_s + time.perf_counter() - t0, device)
                 if step == cfg.warmup_steps and warmup_s == 0.0:
                     warmup_s = trained_s
@@ -241,17 +272,18 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
             for g in opt.param_groups:
                 g["lr"] = lr
             for micro in range(cfg.grad_accum):
-                batch_ex = []
-                while len(batch_ex) < cfg.batch_size:
+                idx = []
+                while len(idx) < cfg.batch_size:
                     if not order:
-                        perm = torch.randperm(len(examples), generator=data_gen).tolist()
+                        perm = torch.randperm(len(data), generator=data_gen).tolist()
                         order = perm[rank::world] or perm
-                    batch_ex.append(examples[order.pop()])
-                batch = collate(batch_ex, L, pad, data_gen)
-                tokens += int(batch.valid.sum()) + int(batch.supervised.sum())  # counted on the host: no sync
+                    idx.append(order.pop())
+                batch = data.batch(idx, L, data_gen, transform)
+                tokens += batch.tokens  # counted on the host: no sync
                 if prefix_only:
                     batch = batch.prefix_only()
-                batch = batch.to(device)
+                flops += flop_model.step(len(idx), batch.ids.shape[1], L, (batch.span[0] + batch.span[1] - L) / 2,
+                                         cfg.objective, ar_head=cfg.objective == "diffusion" and cfg.ar_weight > 0)
                 sync = world == 1 or micro == cfg.grad_accum - 1
                 ctx = wrapped.no_sync() if not sync else _null()
                 with ctx, autocast:
@@ -269,10 +301,12 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
                 mean = {k: float(v) / acc_steps for k, v in acc.items()}
                 elapsed = time.perf_counter() - t0
                 tps = tokens * world / max(elapsed, 1e-9)
+                tflops = flops * world / max(elapsed, 1e-9) / 1e12  # the whole job's model FLOP/s
                 if writer is not None:
                     writer.writerow([done, f"{mean.get('loss', 0):.5f}", f"{mean.get('diffusion_loss', 0):.5f}",
                                      f"{mean.get('ar_loss', 0):.5f}", f"{mean.get('canvas_accuracy', 0):.4f}",
-                                     f"{lr:.3e}", f"{tps:.0f}", f"{elapsed:.1f}"])
+                                     f"{lr:.3e}", f"{tps:.0f}", f"{elapsed:.1f}", f"{tflops:.4g}",
+                                     f"{tflops / (peak * world):.4f}" if peak else ""][:columns])
                     log_f.flush()
                 if tb is not None:
                     for k, v in mean.items():
