@@ -2,8 +2,8 @@
 # Train the Sudoku diffusion model and its AR baseline side by side on one GPU machine.
 #   OUT=DIR bash recipes/sudoku/gpu.sh run [MINUTES]  # everything in one command (default 6 minutes of training;
 #       about MINUTES + 2 of wall time on one H100): data, a fresh init, both trainings at once with on-device
-#       symmetry augmentation (augment=sudoku), eager (compiled training is disabled for now), export, evaluation of both on the held-out
-#       puzzles. Writes to $OUT: diffusion.tar, ar.tar (bf16 checkpoints), metrics_*.csv, eval.json, eval_ar.json,
+#       symmetry augmentation (augment=sudoku), eager (compiled training is disabled for now), export,
+#       evaluation of both on the held-out puzzles. Writes to $OUT: diffusion.tar, ar.tar (bf16 checkpoints), metrics_*.csv, eval.json, eval_ar.json,
 #       train_logs.txt, timings.txt. Data: .carry/sudoku/{train.jsonl,test.txt} when present (made by prepare.py
 #       here), else generated on the machine's cores (N_TRAIN, N_TEST; about 40 s for 40k puzzles on 16 cores).
 #       Knobs: SIZE (base), BATCH (512), N_TRAIN (40000), N_TEST (1000), plus those below.
@@ -14,7 +14,8 @@
 # Expects the base data in .carry/sudoku/{train.jsonl,test.txt} (made by prepare.py on any machine).
 # Environment knobs: FROM=shipped continues from the models in src/dgemma/assets/sudoku (default: a fresh init);
 # LR, WARMUP (steps), SEED (data order and a fresh set of symmetry images), AUG (images per puzzle),
-# COMPILE=1 (torch.compile the objective; a run that fails to compile restarts eagerly for the minutes left).
+# COMPILE=1 (torch.compile the objective; a run that fails to compile restarts eagerly for the minutes left;
+# the trainer refuses compile=true for now, so COMPILE=1 ends in that eager retry).
 set -uo pipefail
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true
 R=${WORK:-/root/sudoku}  # scratch space on the machine

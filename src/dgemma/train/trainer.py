@@ -57,7 +57,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     max_minutes: float = 0.0  # > 0: stop (and save) after this much training time; cosine follows the clock
-    compile: bool = False  # torch.compile the objective (fuses the elementwise work; compiling takes a minute or two)
+    compile: bool = False  # torch.compile the objective: refused for now (compiled key gradients differ from eager)
     augment: str = "none"  # "sudoku": a fresh random symmetry of every Sudoku example each time it is drawn
     peak_tflops: float = 0.0  # the device's peak for the MFU column (0: the known GPUs' bf16 peak; none on a CPU)
     device: str | None = None
@@ -190,12 +190,16 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
             del resumed
 
     examples = load_jsonl(cfg.data, model.tokenizer, max_len=cfg.max_len, append_eos=cfg.append_eos)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
     transform = None
     if cfg.augment == "sudoku":
         from ..tasks.sudoku import SymmetryAugment
 
         augment = SymmetryAugment(model.tokenizer, model.config.text.vocab_size)
         augment.check(examples)
+
+        def transform(ids: torch.Tensor) -> torch.Tensor:
+            return augment(ids, gen)
     pad = model.generation_config.pad_token_id if model.generation_config.pad_token_id is not None else 0
     data = TensorData(examples, pad, device)  # the ids live on the device: a batch is one gather there
     del examples
@@ -210,10 +214,6 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
     params = [p for p in bb.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
                             fused=device.type == "cuda")  # one kernel per step on CUDA
-    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
-    if cfg.augment == "sudoku":
-        def transform(ids: torch.Tensor) -> torch.Tensor:
-            return augment(ids, gen)
     flop_model = FlopModel.of(bb)
     peak = cfg.peak_tflops or (peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None)
     data_gen = torch.Generator().manual_seed(cfg.seed)
