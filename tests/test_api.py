@@ -124,10 +124,43 @@ def test_stop_strings(tiny):
     ({"stability_threshold": 1.5}, "stability_threshold=1.5 is invalid"),
     ({"confidence_threshold": float("nan")}, "confidence_threshold=nan is invalid"),
     ({"eos_token_id": "x"}, "eos_token_id='x' is invalid"),
+    # every step's temperature in [1e-6, 1e6] (a schedule that rounds to 0 in fp32 would give NaN logits)
+    ({"t_min": 0, "t_max": 1e-300}, "t_max=1e-300 is invalid with t_min=0 .*would be 2.08e-302; expected at least"),
+    ({"t_min": 1e300, "t_max": 2e300}, r"t_max=2e\+300 is invalid; expected a number <= 1e\+06"),
+    ({"max_denoising_steps": 10**7}, "max_denoising_steps=10000000 is invalid; expected a positive integer up to"),
 ])
 def test_bad_generation_settings(spec, kwargs, match):
     with pytest.raises(dgemma.ConfigError, match=match):
         spec.generate(torch.tensor([[5, 6]]), **kwargs)
+
+
+@pytest.mark.parametrize("sampler", ["fast", "reference"])
+def test_settings_beyond_fp32_saturate(spec, sampler):
+    """entropy_bound / confidence_threshold beyond fp32's range and stability_threshold ≥ the step count behave as
+    their saturated values (accept all, always confident, never stable); they used to fail the fast sampler."""
+    ids = torch.tensor([[5, 6, 7]])
+    kw = dict(seed=4, sampler=sampler, max_new_tokens=8, max_denoising_steps=3)
+    huge = spec.generate(ids, entropy_bound=1e300, confidence_threshold=1e300, stability_threshold=2**64, **kw)
+    same = spec.generate(ids, entropy_bound=3e38, confidence_threshold=3e38, stability_threshold=3, **kw)
+    assert torch.equal(huge.sequences, same.sequences)
+    assert huge.steps_per_canvas == same.steps_per_canvas
+
+
+def test_float16_self_conditioning_stays_finite_near_temperature_zero(ckpt_factory):
+    """z = logits / T beyond float16's range (T near 0): the reference's cast to the model dtype would give inf
+    and a NaN softmax; soft_embed clamps z to the dtype's range first (an identity for in-range z)."""
+    m = dgemma.load(ckpt_factory("spec"), dtype="float16")
+    V = m.config.text.vocab_size
+    z = torch.randn(1, 3, V, generator=torch.Generator().manual_seed(0))
+    z[0, 0, 7] = 1e6  # float16 max is 65504
+    sc = m.backbone.soft_embed(z)
+    assert torch.isfinite(sc).all()
+    one_hot = m.backbone.soft_embed_probs(torch.nn.functional.one_hot(torch.tensor(7), V).to(torch.float16))
+    assert torch.allclose(sc[0, 0].float(), one_hot.float(), atol=1e-3)
+    ok = z.clone()
+    ok[0, 0, 7] = 30.0
+    assert torch.equal(m.backbone.soft_embed(ok), m.backbone.soft_embed_probs(
+        torch.softmax(ok.to(torch.float16), -1, dtype=torch.float32).to(torch.float16)))
 
 
 @pytest.mark.parametrize("ids,mask,match", [

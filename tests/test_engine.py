@@ -148,6 +148,9 @@ def test_admission_waits_for_a_slot_and_refuses_impossible(tiny):
     (SamplingParams(max_denoising_steps=0), "max_denoising_steps=0 is invalid"),
     (SamplingParams(t_min=0.9, t_max=0.5), "t_max=0.5 is invalid"),
     (SamplingParams(sampler="greedy"), "sampler='greedy' is invalid; expected 'fast' or 'reference'"),
+    (SamplingParams(t_min=0, t_max=1e-300), "last step's temperature"),
+    (SamplingParams(t_min=0, t_max=1e-4, temperature=0), r"scaled by temperature=0: x0.001"),
+    (SamplingParams(max_denoising_steps=2**64), "is too large; expected at most 1024"),
 ])
 def test_bad_params_refused(tiny, params, match):
     with pytest.raises(RequestRefused, match=match):
@@ -160,6 +163,32 @@ def test_bad_prompts_refused(tiny):
         e.prepare([], SamplingParams())
     with pytest.raises(RequestRefused, match=r"integers in \[0, 1024\)"):
         e.prepare([5, 5000], SamplingParams())
+
+
+def test_a_request_that_fails_to_start_is_aborted_not_lost(tiny, monkeypatch):
+    """An error while admitting a request ends that request (finish_reason "abort", slot freed); it used to leave
+    the request waiting forever and its slot taken."""
+    e = Engine(tiny, max_num_seqs=1)
+    real = e.stepper.start_row
+    calls = []
+
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return real(*a, **k)
+
+    monkeypatch.setattr(e.stepper, "start_row", failing)
+    ev: dict[str, list] = {"a": [], "b": []}
+    e.add([5, 6], SamplingParams(max_tokens=4, max_denoising_steps=2), ev["a"].append, "a")
+    e.add([5, 6], SamplingParams(max_tokens=4, max_denoising_steps=2), ev["b"].append, "b")
+    for _ in range(50):
+        if not e.has_work():
+            break
+        e.step()
+    assert [o.finish_reason for o in ev["a"]] == ["abort"]
+    assert ev["b"][-1].kind == "finished" and ev["b"][-1].finish_reason == "length"
+    assert not e.has_work() and len(e.free_slots) == 1
 
 
 def test_queue_full(tiny):

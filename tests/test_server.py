@@ -228,6 +228,46 @@ BAD_REQUESTS = [
      "messages"),
     ("POST", "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, ["wizard"],
      "messages[0].role"),
+    # the body itself: nesting, encoding, numbers (issue 15)
+    ("POST", "/v1/completions", b"[" * 100_000, 400, ["nested too deeply", "64"], None),
+    ("POST", "/v1/completions", b'{"prompt": "x", "metadata": ' + b"[" * 70 + b"]" * 70 + b"}", 400,
+     ["nested too deeply"], None),
+    ("POST", "/v1/completions", b'{"prompt": "\\ud800", "max_tokens": 4}', 400, ["'prompt'", "surrogate", "\\ud800"],
+     "prompt"),
+    ("POST", "/v1/completions", b'{"prompt": ["ab\\udfff"]}', 400, ["surrogate"], "prompt[0]"),
+    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi \\ud83d"}]}', 400,
+     ["'messages[0].content'", "surrogate", "character 3"], "messages[0].content"),
+    ("POST", "/v1/chat/completions",
+     b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc00"}]}]}', 400, ["surrogate"],
+     "messages[0].content[0].text"),
+    ("POST", "/v1/completions", b'{"prompt": "x", "stop": "\\ud800"}', 400, ["'stop'", "surrogate"], "stop"),
+    ("POST", "/v1/completions", b'{"prompt": "x", "stop": ["ok", "\\ud800"]}', 400, ["surrogate"], "stop[1]"),
+    ("POST", "/v1/completions", b'{"prompt": "x", "model": "\\ud800"}', 400, ["surrogate"], "model"),
+    ("POST", "/v1/completions", b'{"prompt": "x", "t_max": 1e999}', 400, ["1e999", "range"], None),
+    ("POST", "/v1/completions", b'{"prompt": "x", "t_max": NaN}', 400, ["NaN"], None),
+    # the prompt
+    ("POST", "/v1/completions", {"prompt": ""}, 400, ["empty string", "[2]"], "prompt"),
+    ("POST", "/v1/completions", {"prompt": [""]}, 400, ["empty string"], "prompt"),
+    ("POST", "/v1/completions", {"prompt": []}, 400, ["empty"], "prompt"),
+    # degenerate sampler settings: refused at validation, not aborted by the engine (503)
+    ("POST", "/v1/completions", {"prompt": "x", "t_min": 0, "t_max": 1e-300}, 400,
+     ["t_max=1e-300", "last step's temperature", "at least 1e-06"], "t_max"),
+    ("POST", "/v1/completions", {"prompt": "x", "t_min": 0, "t_max": 1e-300, "sampler": "reference"}, 400,
+     ["last step's temperature"], "t_max"),
+    ("POST", "/v1/completions", {"prompt": "x", "t_min": 0, "t_max": 1e-4, "temperature": 0}, 400,
+     ["last step's temperature", "scaled by temperature=0"], "t_max"),
+    ("POST", "/v1/completions", {"prompt": "x", "t_min": 1e300, "t_max": 2e300}, 400, ["t_max", "1e+06"], "t_max"),
+    ("POST", "/v1/completions", {"prompt": "x", "temperature": 2, "t_max": 1e6}, 400, ["1e+06", "temperature=2"],
+     "t_max"),
+    ("POST", "/v1/completions", {"prompt": "x", "t_min": -0.1}, 400, ["t_min", ">= 0"], "t_min"),
+    ("POST", "/v1/completions", {"prompt": "x", "confidence_threshold": 0}, 400, ["confidence_threshold"],
+     "confidence_threshold"),
+    ("POST", "/v1/completions", {"prompt": "x", "stability_threshold": -1}, 400, ["stability_threshold"],
+     "stability_threshold"),
+    ("POST", "/v1/completions", {"prompt": "x", "max_denoising_steps": 2**64}, 400, ["at most 1024"],
+     "max_denoising_steps"),
+    ("POST", "/v1/completions", {"prompt": "x", "max_denoising_steps": 1.5}, 400, ["integer"],
+     "max_denoising_steps"),
     ("GET", "/v1/nothing-here", None, 404, ["unknown route", "/v1/nothing-here"], None),
     ("GET", "/v1/completions", None, 405, ["GET", "not allowed"], None),
     ("DELETE", "/v1/models", None, 405, ["not allowed"], None),
@@ -244,6 +284,55 @@ def test_errors(server, http, method, path, body, status, needles, param):
     else:
         r = http.request(method, path, json=body)
     assert_openai_error(r, status, *needles, param=param)
+    _healthy(server)
+
+
+def test_body_over_the_limit_is_refused_before_parsing(server, http):
+    """413 by Content-Length, and by counting a chunked body (no Content-Length); the server stays healthy."""
+    from dgemma.server.app import MAX_BODY_BYTES
+
+    big = b'{"prompt": "' + b"a" * MAX_BODY_BYTES + b'"}'
+    r = http.post("/v1/completions", content=big, headers={"content-type": "application/json"})
+    assert_openai_error(r, 413, "too large", f"{len(big):,} bytes", "8 MiB", param=None)
+    assert r.json()["error"]["code"] == "body_too_large"
+
+    def chunked():
+        yield b'{"prompt": "'
+        for _ in range(MAX_BODY_BYTES // 2**20 + 1):
+            yield b"a" * 2**20
+        yield b'"}'
+
+    r = http.post("/v1/chat/completions", content=chunked(), headers={"content-type": "application/json"})
+    assert_openai_error(r, 413, "too large", "more than", param=None)
+    _healthy(server)
+    # just under the limit is parsed (and then refused for its length, not its size)
+    ids = "[" + ",".join(["5"] * 5000) + "]"
+    r = http.post("/v1/completions", content=f'{{"prompt": {ids}, "max_tokens": 4}}'.encode(),
+                  headers={"content-type": "application/json"})
+    assert_openai_error(r, 400, "5000", "4096", param="<any>")
+    _healthy(server)
+
+
+def test_any_content_type_is_parsed_as_json(http):
+    """As OpenAI's API does, the body is read as JSON whatever the Content-Type says (documented)."""
+    body = b'{"prompt": "hi", "max_tokens": 4, "seed": 1, "max_denoising_steps": 2}'
+    want = http.post("/v1/completions", content=body, headers={"content-type": "application/json"}).json()
+    for ctype in ("text/plain", "application/x-www-form-urlencoded", None):
+        r = http.post("/v1/completions", content=body, headers={"content-type": ctype} if ctype else {})
+        assert r.status_code == 200, (ctype, r.text)
+        assert r.json()["choices"] == want["choices"]
+
+
+@pytest.mark.parametrize("sampler", ["fast", "reference"])
+def test_extreme_but_valid_sampler_settings_are_served(server, http, sampler):
+    """Values beyond fp32's range that the sampler treats as 'always' (accept every position, always confident,
+    never stable) are served, and a surrogate pair (one character) is valid text."""
+    body = {"prompt": "hi \U0001f600", "max_tokens": 4, "seed": 3, "max_denoising_steps": 3, "sampler": sampler,
+            "entropy_bound": 1e300, "confidence_threshold": 1e300, "stability_threshold": 2**64,
+            "t_min": 1e-6, "t_max": 2e-6}
+    r = http.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 4
     _healthy(server)
 
 

@@ -18,6 +18,14 @@ from .errors import ConfigError
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 
+# Every denoising step's temperature must lie in [TEMPERATURE_MIN, TEMPERATURE_MAX]. Below 1e-6 sampling is
+# already argmax for any logit gap above ~1e-4, and a temperature that rounds to 0 in fp32 (t_max = 1e-300) turns
+# the logits into inf/NaN; above 1e6 every token is equally likely, and t_min, t_max beyond fp32's range give
+# inf − inf = NaN in the schedule.
+TEMPERATURE_MIN = 1e-6
+TEMPERATURE_MAX = 1e6
+MAX_STEPS = 1_000_000  # per canvas; the server allows fewer (dgemma.engine.engine.MAX_DENOISING_STEPS)
+
 DEFAULT_ROPE = {
     SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
     FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
@@ -314,14 +322,22 @@ class GenerationConfig:
 
         if not _is_int(self.max_new_tokens) or self.max_new_tokens <= 0:
             raise bad("max_new_tokens", "a positive integer")
-        if not _is_int(self.max_denoising_steps) or self.max_denoising_steps <= 0:
-            raise bad("max_denoising_steps", "a positive integer")
+        if not _is_int(self.max_denoising_steps) or not 0 < self.max_denoising_steps <= MAX_STEPS:
+            raise bad("max_denoising_steps", f"a positive integer up to {MAX_STEPS:,}")
         if not _is_num(self.entropy_bound) or not self.entropy_bound > 0:
             raise bad("entropy_bound", "a number > 0")
         if not _is_num(self.t_min) or self.t_min < 0:
             raise bad("t_min", "a number >= 0")
         if not _is_num(self.t_max) or not self.t_max > self.t_min:
             raise bad("t_max", f"a number > t_min ({self.t_min})")
+        if self.t_max > TEMPERATURE_MAX:
+            raise bad("t_max", f"a number <= {TEMPERATURE_MAX:g} (the first step's temperature)")
+        last = self.t_min + (self.t_max - self.t_min) / self.max_denoising_steps  # spec §4.2 at n = 1
+        if not last >= TEMPERATURE_MIN:
+            raise ConfigError(
+                f"t_max={self.t_max:.6g} is invalid with t_min={self.t_min:.6g} and max_denoising_steps="
+                f"{self.max_denoising_steps}: the last step's temperature, t_min + (t_max - t_min) / "
+                f"max_denoising_steps, would be {last:.3g}; expected at least {TEMPERATURE_MIN:g}")
         if not _is_int(self.stability_threshold) or self.stability_threshold < 0:
             raise bad("stability_threshold", "an integer >= 0")
         if not _is_num(self.confidence_threshold) or not self.confidence_threshold > 0:

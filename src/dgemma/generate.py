@@ -71,7 +71,9 @@ class BlockState:
         self.last_acc = torch.full((B, L), -1, dtype=torch.long, device=dev)
         self.steps = torch.zeros(B, dtype=torch.int32, device=dev)
         self.revisions = torch.zeros(B, dtype=torch.long, device=dev)
-        self.stopper = sampling.StableConfidentStop(gcfg.stability_threshold, gcfg.confidence_threshold)
+        # S ≥ N steps can never be stable: the same result as S, without S canvases of history
+        self.stopper = sampling.StableConfidentStop(min(gcfg.stability_threshold, gcfg.max_denoising_steps),
+                                                    gcfg.confidence_threshold)
 
 
 def denoise_step(backbone: Backbone, st: BlockState, raw: torch.Tensor, n: int, gcfg: GenerationConfig,

@@ -142,10 +142,14 @@ class Stepper:
 
     # -- per-row settings ----------------------------------------------------------------------------------
     def start_row(self, slot: int, gcfg: GenerationConfig, seed: int, start: int) -> None:
-        """Set a row's sampler settings; its first canvas starts at position `start` (after its prompt)."""
-        vals = {"key": sampling.seed_key(seed), "N": gcfg.max_denoising_steps, "S": gcfg.stability_threshold,
-                "t_min": gcfg.t_min, "t_max": gcfg.t_max, "bound": gcfg.entropy_bound,
-                "conf": gcfg.confidence_threshold, "start": start, "canvas_idx": 0, "revisions": 0}
+        """Set a row's sampler settings; its first canvas starts at position `start` (after its prompt). S ≥ N
+        already means "never stable" and a bound or threshold above fp32's range accepts everything, so those
+        are saturated to fit the int64 / fp32 slots with the same results."""
+        big = torch.finfo(torch.float32).max
+        vals = {"key": sampling.seed_key(seed), "N": gcfg.max_denoising_steps,
+                "S": min(gcfg.stability_threshold, gcfg.max_denoising_steps), "t_min": gcfg.t_min,
+                "t_max": gcfg.t_max, "bound": min(gcfg.entropy_bound, big),
+                "conf": min(gcfg.confidence_threshold, big), "start": start, "canvas_idx": 0, "revisions": 0}
         for name, v in vals.items():
             getattr(self, name)[slot] = v
 

@@ -167,17 +167,20 @@ class Engine:
         if mt is not None and (not isinstance(mt, int) or isinstance(mt, bool) or mt <= 0):
             raise RequestRefused(f"max_tokens={mt!r} is invalid; expected a positive integer", "max_tokens")
         max_tokens = mt if mt is not None else min(base.max_new_tokens, room)
+        steps = params.max_denoising_steps if params.max_denoising_steps is not None else base.max_denoising_steps
+        if isinstance(steps, int) and steps > MAX_DENOISING_STEPS:  # before merged(), whose bound is wider
+            raise RequestRefused(f"max_denoising_steps={steps} is too large; expected at most "
+                                 f"{MAX_DENOISING_STEPS}", "max_denoising_steps")
         try:
             gcfg = self.model.generation_config.merged(
                 max_new_tokens=max_tokens, max_denoising_steps=params.max_denoising_steps,
                 entropy_bound=params.entropy_bound, t_min=t_min, t_max=t_max,
                 stability_threshold=params.stability_threshold, confidence_threshold=params.confidence_threshold)
         except ConfigError as e:
-            name = str(e).split("=", 1)[0]
-            raise RequestRefused(str(e), name) from None
-        if gcfg.max_denoising_steps > MAX_DENOISING_STEPS:
-            raise RequestRefused(f"max_denoising_steps={gcfg.max_denoising_steps} is too large; expected at most "
-                                 f"{MAX_DENOISING_STEPS}", "max_denoising_steps")
+            name, msg = str(e).split("=", 1)[0], str(e)
+            if t is not None and name in ("t_min", "t_max"):
+                msg += f" (t_min and t_max as scaled by temperature={t!r}: x{scale:g}, at least x{TEMPERATURE_FLOOR:g})"
+            raise RequestRefused(msg, name) from None
         # A history longer than N steps can never fill, so S >= N already means "never stable": capping S at N
         # changes no result and bounds the per-request history memory.
         gcfg.stability_threshold = min(gcfg.stability_threshold, gcfg.max_denoising_steps)
@@ -362,14 +365,19 @@ class Engine:
             while self.waiting and self.free_slots:
                 r = self.waiting.popleft()
                 r.slot = self.free_slots.pop()
-                r.pending_encode = torch.tensor(r.prompt, dtype=torch.long)
-                r.fresh = True
-                if r.params.sampler == "reference":
-                    r.ref = _ReferenceRow(self.model, r)
-                else:
-                    self.stepper.start_row(r.slot, r.gcfg, r.seed, len(r.prompt))
-                r.phase = Phase.PREFILL
                 r.t_start = time.perf_counter()
+                try:
+                    r.pending_encode = torch.tensor(r.prompt, dtype=torch.long)
+                    r.fresh = True
+                    if r.params.sampler == "reference":
+                        r.ref = _ReferenceRow(self.model, r)
+                    else:
+                        self.stepper.start_row(r.slot, r.gcfg, r.seed, len(r.prompt))
+                except Exception:  # end this request (its slot freed), not the engine iteration
+                    log.exception("%s: could not start the request; aborting it", r.id)
+                    self._fail(r)
+                    continue
+                r.phase = Phase.PREFILL
                 self.running.append(r)
 
     def abort_all(self) -> None:

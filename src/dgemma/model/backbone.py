@@ -101,7 +101,11 @@ class Backbone(nn.Module):
 
     def soft_embed(self, z: torch.Tensor) -> torch.Tensor:
         """Self-conditioning signal (spec §3.3): softmax(z) · E · √H, with z cast to the model dtype first.
-        [.., V] -> [.., H]: all a request keeps between steps, not its [L, V] logits."""
+        [.., V] -> [.., H]: all a request keeps between steps, not its [L, V] logits. z beyond the dtype's range
+        (float16 at a temperature near 0) is clamped to it first: the plain cast would give inf, and softmax NaN."""
+        if z.dtype != self.dtype and z.is_floating_point():
+            big = torch.finfo(self.dtype).max
+            z = z.clamp(-big, big)
         p = torch.softmax(z.to(self.dtype), dim=-1, dtype=torch.float32).to(self.dtype)
         return self.soft_embed_probs(p)
 

@@ -38,6 +38,7 @@ import hmac
 import inspect
 import json
 import logging
+import math
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -55,14 +56,15 @@ from .metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from .protocol import (ApiError, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                        ChatCompletionResponse, ChatMessage, CompletionChoice, CompletionChunk,
                        CompletionChunkChoice, CompletionRequest, CompletionResponse, DeltaMessage, Draft, ErrorInfo,
-                       ModelCard, ModelList, Usage, bad_request, chunk_json, parse_request)
+                       ModelCard, ModelList, Usage, bad_request, check_json_tree, chunk_json, parse_request,
+                       too_deep)
 
 log = logging.getLogger("dgemma.server")
 
 QUEUE_FULL_RETRY_AFTER = "1"
 STOPPED_RETRY_AFTER = "5"
 DISCONNECT_POLL_S = 0.25
-MAX_BODY_BYTES = 64 * 1024 * 1024
+MAX_BODY_BYTES = 8 * 1024 * 1024  # 413 above it, before parsing (a 256k-token prompt as JSON ids is ~2 MiB)
 SYSTEM_FINGERPRINT = f"dgemma-{__version__}"
 _END = object()  # end of a run's event queue
 
@@ -130,6 +132,11 @@ class ServerState:
     def completion_prompt(self, req: CompletionRequest) -> list[int]:
         p = req.prompt_value()
         if isinstance(p, str):
+            if not p:  # as for an empty token list (the tokenizer would give the start token alone)
+                bos = getattr(self.model.generation_config, "bos_token_id", None)
+                hint = (f"; to generate from the start token alone, send it as a token list: [{bos}]"
+                        if isinstance(bos, int) else "")
+                raise bad_request(f"prompt is an empty string; expected at least one character{hint}", "prompt")
             ids = self.tokenizer().encode(p)
             if not ids:
                 raise bad_request("prompt is empty; expected at least one token", "prompt")
@@ -372,15 +379,18 @@ def create_app(engine: Any, model: Any, model_name: str, api_key: str | None = N
 # generation
 # ==========================================================================================================
 async def _read_json(request: Request) -> Any:
+    """The request body as decoded JSON, whatever its Content-Type (as OpenAI's API, which accepts text/plain).
+    413 above MAX_BODY_BYTES (by Content-Length, else counted while reading a chunked body); 400 for an empty
+    body, invalid JSON, numbers beyond float range, NaN/Infinity, nesting deeper than MAX_JSON_DEPTH and strings
+    that are not valid Unicode (lone surrogates)."""
     length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-        raise ApiError(413, f"request body too large ({int(length)} bytes; at most {MAX_BODY_BYTES})",
-                       code="body_too_large")
+    if length is not None and length.strip().isdigit() and int(length) > MAX_BODY_BYTES:
+        raise _too_large(f"{int(length):,} bytes")
     size, parts = 0, []
     async for part in request.stream():  # bounded even without a Content-Length (chunked uploads)
         size += len(part)
         if size > MAX_BODY_BYTES:
-            raise ApiError(413, f"request body too large (more than {MAX_BODY_BYTES} bytes)", code="body_too_large")
+            raise _too_large(f"more than {MAX_BODY_BYTES:,} bytes")
         parts.append(part)
     body = b"".join(parts)
     if not body.strip():
@@ -389,11 +399,26 @@ async def _read_json(request: Request) -> Any:
     def no_constants(name: str) -> Any:
         raise ValueError(f"{name} is not valid JSON")
 
+    def finite(text: str) -> float:
+        v = float(text)
+        if not math.isfinite(v):
+            raise ValueError(f"the number {text[:40]} is beyond the range of a 64-bit float")
+        return v
+
     try:
-        return json.loads(body, parse_constant=no_constants)
+        value = json.loads(body, parse_constant=no_constants, parse_float=finite)
+    except RecursionError:
+        raise too_deep() from None
     except (ValueError, UnicodeDecodeError) as e:
         raise bad_request(f"We could not parse the JSON body of your request ({e}); expected a JSON object",
                           None, "invalid_json") from None
+    check_json_tree(value)
+    return value
+
+
+def _too_large(size: str) -> ApiError:
+    return ApiError(413, f"the request body is too large ({size}); at most {MAX_BODY_BYTES:,} bytes "
+                         f"({MAX_BODY_BYTES / 2**20:g} MiB) are accepted", code="body_too_large")
 
 
 async def _generate(st: ServerState, request: Request, chat: bool) -> Response:

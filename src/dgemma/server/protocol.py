@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ..engine.types import SamplingParams
 
 MAX_STOP_STRINGS = 4
+MAX_JSON_DEPTH = 64  # arrays and objects, the body itself counted; an OpenAI chat request needs 5
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # torch.Generator.manual_seed's range
 # Content-part types that carry non-text media (dgemma serves a text-only model).
 MEDIA_PART_TYPES = frozenset({"image", "image_url", "input_image", "video", "video_url", "audio", "audio_url",
@@ -311,6 +312,52 @@ class ChatCompletionRequest(_SamplingRequest):
                                   f"content parts, got {json_type(content)}", f"{where}.content", "invalid_type")
             out.append({"role": role, "content": content})
         return out
+
+
+def check_json_tree(body: Any) -> None:
+    """Refuse a decoded body nested deeper than MAX_JSON_DEPTH, or holding a string that is not valid Unicode: a
+    lone UTF-16 surrogate such as "\\ud800", which a JSON escape can spell but no UTF-8 text holds (the tokenizer
+    and the response encoder would fail on it). ApiError 400 naming the field. Iterative, so any depth is safe."""
+    if not isinstance(body, (dict, list)):
+        return
+    stack: list[tuple[Any, int, tuple]] = [(body, 1, ())]
+    while stack:
+        node, depth, path = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise too_deep()
+        for key, value in (node.items() if isinstance(node, dict) else enumerate(node)):
+            if isinstance(key, str) and not _is_unicode(key):
+                where = f"'{format_loc(path)}'" if path else "the body"
+                raise bad_request(f"a key of {where} is not valid Unicode: {_surrogate_note(key)}",
+                                  format_loc(path) if path else None, "invalid_encoding")
+            if isinstance(value, str):
+                if not _is_unicode(value):
+                    loc = format_loc((*path, key))
+                    raise bad_request(f"'{loc}' is not valid Unicode: {_surrogate_note(value)}", loc,
+                                      "invalid_encoding")
+            elif isinstance(value, (dict, list)):
+                stack.append((value, depth + 1, (*path, key)))
+
+
+def too_deep() -> ApiError:
+    return bad_request(f"the request body is nested too deeply: at most {MAX_JSON_DEPTH} levels of arrays and "
+                       "objects are accepted", None, "too_deep")
+
+
+def _is_unicode(s: str) -> bool:
+    if s.isascii():
+        return True
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _surrogate_note(s: str) -> str:
+    i = next(i for i, ch in enumerate(s) if "\ud800" <= ch <= "\udfff")
+    return (f"it contains a lone UTF-16 surrogate (\\u{ord(s[i]):04x} at character {i}); a surrogate escape must "
+            "come as a high-low pair, e.g. \\ud83d\\ude00")
 
 
 def parse_request(cls: type[_SamplingRequest], body: Any) -> _SamplingRequest:
