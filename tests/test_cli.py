@@ -185,8 +185,10 @@ def test_info_json(capsys, ckpt):
     t = dgemma.ModelConfig.from_file(ckpt / "config.json").text
     counts = t.param_counts()
     assert s["parameters"] == counts
-    assert s["weight_bytes"] == {"float32": 4 * counts["total"], "bfloat16": 2 * counts["total"],
-                                 "fp8": counts["total"]}
+    w = s["weight_bytes"]
+    assert (w["float32"], w["bfloat16"]) == (4 * counts["total"], 2 * counts["total"])
+    assert counts["total"] < w["fp8"] < w["bfloat16"] and counts["total"] // 2 < w["int4"] < w["fp8"]
+    assert s["quantization"] is None
     # 2 sliding layers: 2·2·16·4 bytes each; 2 full: 2·1·32·4 bytes each (fp32 checkpoint)
     assert s["kv_cache"]["sliding_bytes_per_token"] == 2 * (2 * 2 * 16 * 4)
     assert s["kv_cache"]["full_bytes_per_token"] == 2 * (2 * 1 * 32 * 4)

@@ -131,3 +131,49 @@ def test_training_step_makes_no_host_sync(micro_checkpoint):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert all(bool(torch.isfinite(x)) for x in [first, *losses])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# quantized weights (dgemma.quant) on the GPU
+# ------------------------------------------------------------------------------------------------------------
+def _fp8_gpu() -> bool:
+    return torch.cuda.get_device_capability() >= (8, 9)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not _fp8_gpu(), reason="needs FP8 tensor cores (sm89+)")
+def test_fp8_scaled_gemms_on_cuda_equal_their_twins():
+    from dgemma import quant
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 256, generator=g).cuda().bfloat16()
+    wq, ws = quant.quantize_fp8((torch.randn(512, 256, generator=g) * 0.05).cuda())
+    got, want = quant.fp8_linear(x, wq, ws).float(), quant.fp8_linear_twin(x, wq, ws).float()
+    assert (got - want).norm() / want.norm() < 1e-2
+    wq3, ws3 = quant.quantize_fp8((torch.randn(4, 384, 256, generator=g) * 0.05).cuda())
+    offs = torch.tensor([64, 64, 192, 300], dtype=torch.int32, device="cuda")
+    got = quant.fp8_grouped_mm(x, wq3, ws3, offs).float()
+    want = quant.fp8_grouped_mm_twin(x, wq3, ws3, offs).float()
+    assert (got - want).norm() / want.norm() < 1e-2
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int4"])
+def test_quantized_model_on_cuda_matches_the_cpu(micro_checkpoint, fmt):
+    """The quantized micro model generates on the GPU (eager and compiled fast step) and its logits stay within
+    the activation-rounding error of the CPU's dequantized products."""
+    from dgemma import quant
+
+    cpu = dgemma.load(micro_checkpoint, device="cpu", dtype=torch.float32, quantize=fmt)
+    gpu = dgemma.load(micro_checkpoint, device="cuda", dtype=torch.bfloat16, quantize=fmt)
+    assert quant.is_quantized(gpu.backbone) == fmt
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+
+    def logits(m):
+        bb = m.backbone
+        cache = bb.new_cache(1, 64)
+        return bb.logits(bb.encode(ids.to(m.device), cache)).float().cpu()
+
+    a, b = logits(cpu), logits(gpu)
+    assert (a - b).norm() / a.norm() < 0.05
+    for compile in (False, True):
+        out = gpu.generate(ids.cuda(), max_new_tokens=32, seed=1, max_denoising_steps=4, compile=compile)
+        assert out.sequences.shape[1] > ids.shape[1]

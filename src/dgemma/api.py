@@ -8,7 +8,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, quant
 from .config import GenerationConfig, ModelConfig
 from .errors import CheckpointError, DGemmaError, UnsupportedInputError
 from .generate import CanvasInfo, GenerateOutput, StepInfo, generate_ar, generate_fast, generate_reference
@@ -266,11 +266,14 @@ def _stop_cut(tok: Any, tokens: list[int], stops: list[str], pad: int) -> int | 
 
 # ----------------------------------------------------------------------------------------------------------
 def load(path: str | Path, dtype: str | torch.dtype | None = None,
-         device: str | torch.device | None = None) -> DiffusionGemma:
+         device: str | torch.device | None = None, quantize: str | None = None,
+         group_size: int | None = None) -> DiffusionGemma:
     """Load an HF-format DiffusionGemma checkpoint directory.
 
     dtype: None = the checkpoint's dtype; device: None = CUDA if available else CPU. Weights are memory-mapped and
-    converted tensor by tensor; vision weights are skipped (dgemma is text-only)."""
+    converted tensor by tensor; vision weights are skipped (dgemma is text-only). A checkpoint written by
+    `dgemma quantize` loads quantized as it is; `quantize="fp8" | "int4"` (with an int4 `group_size`) quantizes a
+    float checkpoint while loading, one tensor at a time (see dgemma.quant)."""
     d = Path(path)
     if not d.exists():
         raise CheckpointError(f"{d}: checkpoint directory not found")
@@ -288,10 +291,24 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None,
         dtype = checkpoint.stored_dtype(d)
     tdtype = resolve_dtype(dtype, config.dtype if config.dtype in DTYPES else None)
     dev = resolve_device(device)
+    stored = quant.Scheme.from_config(config.quantization_config, str(cfg_path)) \
+        if config.quantization_config else None
+    if quantize is not None and stored is not None:
+        raise quant.QuantError(f"{d} is already quantized ({stored.format}); load it without quantize=, or "
+                               "quantize the original float checkpoint")
     with torch.device("meta"):
         backbone = Backbone(config.text)
-    state = dict(checkpoint.read_state_dict(d, config.text, tdtype, dev))
-    backbone.load_state_dict(state, strict=True, assign=True)
+    parts = None
+    if stored is not None:
+        quant.prepare(backbone, stored)
+        parts = quant.parts(backbone)
+    tensors = checkpoint.read_state_dict(d, config.text, tdtype, dev, quantized=parts)
+    if quantize is not None:
+        scheme = quant.Scheme(quantize, group_size)
+        groups = quant.prepare(backbone, scheme)
+        tensors = quant.quantize_stream(tensors, scheme.format, groups)
+        config.quantization_config = scheme.to_config()
+    backbone.load_state_dict(dict(tensors), strict=True, assign=True)
     backbone.eval().requires_grad_(False)
     tokenizer = None
     if (d / "tokenizer.json").is_file():
@@ -309,9 +326,10 @@ def save_model(model: DiffusionGemma, out_dir: Path, dtype: str | torch.dtype | 
     tdtype = resolve_dtype(dtype, None) if dtype is not None else model.dtype
     if state is None:
         state = dict(list(model.backbone.named_parameters()) + list(model.backbone.named_buffers()))
-    tensors = {checkpoint.hf_key(n): t for n, t in state.items()}
-    sizes = {k: t.numel() * tdtype.itemsize for k, t in tensors.items()}
-    checkpoint.write_weights(out_dir, sizes, lambda k: tensors[k].detach().to(tdtype), max_shard_bytes)
+    keep = quant.parts(model.backbone)  # quantized parts keep their dtype
+    tensors = {checkpoint.quantized_key(n): (t, t.dtype if n in keep else tdtype) for n, t in state.items()}
+    sizes = {k: t.numel() * dt.itemsize for k, (t, dt) in tensors.items()}
+    checkpoint.write_weights(out_dir, sizes, lambda k: tensors[k][0].detach().to(tensors[k][1]), max_shard_bytes)
     cfg = model.config.to_dict()
     cfg["dtype"] = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[tdtype]
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")

@@ -21,6 +21,7 @@ measured ms per pass (1.0 = at the floor).
 from __future__ import annotations
 
 import json
+import math
 import platform
 import resource
 import statistics
@@ -92,20 +93,36 @@ def measure_bandwidth(dev: torch.device, mbytes: int = 256, repeats: int = 5) ->
     return 2 * n * 4 / min(times)
 
 
-def pass_weight_bytes(cfg: Any, tokens: int, itemsize: int) -> int:
-    """Bytes of weights one forward pass over `tokens` tokens reads (see module docstring)."""
+def pass_weight_bytes(cfg: Any, tokens: int, itemsize: int, quantized_itemsize: float | None = None) -> int:
+    """Bytes of weights one forward pass over `tokens` tokens reads (see module docstring). `quantized_itemsize`:
+    bytes per weight of the quantized matrices (scales included); the embedding / tied head stays at `itemsize`
+    (norms and the router are counted with the matrices: under 0.1% of the weights)."""
     c = cfg.param_counts()
     E, K = cfg.num_experts, cfg.top_k_experts
     frac = 1.0 - (1.0 - K / E) ** tokens  # expected share of a layer's experts that some token routes to
-    return int((c["total"] - c["experts"] + c["experts"] * frac) * itemsize)
+    q = itemsize if quantized_itemsize is None else quantized_itemsize
+    return int(c["embedding"] * itemsize + (c["total"] - c["embedding"] - c["experts"] + c["experts"] * frac) * q)
 
 
-def random_model(preset: str, device: str | torch.device | None = None, dtype: str | None = None, seed: int = 0):
+def quantized_itemsize(backbone: Any) -> float | None:
+    """Bytes per weight of a backbone's quantized matrices (None when it has none)."""
+    from .quant import QTensor
+
+    qs = [m for m in backbone.modules() if isinstance(m, QTensor)]
+    if not qs:
+        return None
+    return sum(m.nbytes() for m in qs) / sum(math.prod(m.shape) for m in qs)
+
+
+def random_model(preset: str, device: str | torch.device | None = None, dtype: str | None = None, seed: int = 0,
+                 quantize: str | None = None):
     """The preset's architecture with random weights, built directly on `device` (nothing read or written).
 
     Unlike `presets.random_tensor` (deterministic per tensor name, drawn in fp32 on the CPU, for checkpoints on disk)
     this draws each tensor on the device in the compute dtype: the 26B model's 50 GB appear in seconds and never pass
-    through host memory. Only speed is measured with it, so the values need not match a written checkpoint."""
+    through host memory. Only speed is measured with it, so the values need not match a written checkpoint.
+    `quantize` ("fp8" | "int4"): each matrix is quantized as soon as it is drawn, so the float model never exists
+    whole (the 26B int4 model fits a 24 GB card)."""
     from .api import DiffusionGemma, resolve_device, resolve_dtype
     from .presets import PRESETS, preset_config
 
@@ -114,25 +131,38 @@ def random_model(preset: str, device: str | torch.device | None = None, dtype: s
     cfg, gcfg = preset_config(preset)
     dev = resolve_device(device)
     tdtype = resolve_dtype(dtype, "bfloat16" if dev.type == "cuda" else "float32")
-    return DiffusionGemma(cfg, random_backbone(cfg.text, dev, tdtype, seed), gcfg.merged(), None)
+    from . import quant
+
+    scheme = quant.Scheme(quantize) if quantize else None
+    model = DiffusionGemma(cfg, random_backbone(cfg.text, dev, tdtype, seed, scheme), gcfg.merged(), None)
+    if scheme is not None:
+        model.config.quantization_config = scheme.to_config()
+    return model
 
 
-def random_backbone(text_cfg: Any, device: torch.device, dtype: torch.dtype, seed: int = 0):
+def random_backbone(text_cfg: Any, device: torch.device, dtype: torch.dtype, seed: int = 0, scheme: Any = None):
     """A Backbone of `text_cfg` in eval mode with every tensor drawn on `device` in `dtype`: N(0, 0.02) for
-    matrices, ones for norms, scales and layer scalars."""
+    matrices, ones for norms, scales and layer scalars; with `scheme` (quant.Scheme) the matrices quantized."""
+    from . import quant
     from .model import Backbone
 
     with torch.device("meta"):
         bb = Backbone(text_cfg)
     g = torch.Generator(device=device).manual_seed(seed)
+    drawn = bb.state_dict()
+    groups = quant.prepare(bb, scheme) if scheme is not None else {}
     state = {}
-    for name, t in bb.state_dict().items():
+    for name, t in drawn.items():
         x = torch.empty(t.shape, dtype=dtype, device=device)
         if name.endswith("layer_scalar") or t.ndim == 1:
             x.fill_(1.0)
         else:
             x.normal_(0.0, 0.02, generator=g)
-        state[name] = x
+        if name in groups:
+            state[name + ".qdata"], state[name + ".scale"] = quant.quantize(x, scheme.format, groups[name])
+            del x
+        else:
+            state[name] = x
     bb.load_state_dict(state, strict=True, assign=True)
     bb.eval().requires_grad_(False)
     return bb
@@ -242,8 +272,11 @@ def run_bench(model: Any, *, modes: list[str], prompt_len: int = 128, new_tokens
     itemsize = model.dtype.itemsize
     bw = measure_bandwidth(dev)
     L = model.config.canvas_length
-    floors = {"diffusion_pass_bytes": pass_weight_bytes(cfg, batch * L, itemsize),
-              "ar_pass_bytes": pass_weight_bytes(cfg, batch, itemsize), "bandwidth_gb_s": bw / 1e9}
+    qsize = quantized_itemsize(model.backbone)
+    floors = {"diffusion_pass_bytes": pass_weight_bytes(cfg, batch * L, itemsize, qsize),
+              "ar_pass_bytes": pass_weight_bytes(cfg, batch, itemsize, qsize), "bandwidth_gb_s": bw / 1e9,
+              "weights": (model.config.quantization_config or {}).get("format") or str(model.dtype).removeprefix(
+                  "torch.")}
     floors["diffusion_pass_ms"] = floors["diffusion_pass_bytes"] / bw * 1e3
     floors["ar_pass_ms"] = floors["ar_pass_bytes"] / bw * 1e3
     prefill_ms = _time_prefill(model, ids, repeats)
@@ -325,7 +358,9 @@ def format_table(report: dict[str, Any]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
     e, s, fl = report["env"], report["settings"], report["floor"]
-    head = (f"dgemma bench · {e['device']} · torch {e['torch']} · {e['dtype']} · {e['threads']} threads · {e['date']}\n"
+    q = f" · weights {fl['weights']}" if fl.get("weights") in ("fp8", "int4") else ""
+    head = (f"dgemma bench · {e['device']} · torch {e['torch']} · {e['dtype']}{q} · {e['threads']} threads · "
+            f"{e['date']}\n"
             f"prompt {s['prompt_len']}, {s['new_tokens']} new tokens, batch {s['batch']}, canvas {s['canvas_length']}, "
             f"median of {s['repeats']} after a warm-up · sampler {s.get('sampler', 'fast')}, compile "
             f"{'on' if s.get('compile') else 'off'} · bandwidth {fl['bandwidth_gb_s']:.1f} GB/s · weights per "

@@ -208,18 +208,41 @@ def stored_dtype(ckpt_dir: Path) -> torch.dtype:
     return rec.dtype if rec is not None and rec.dtype.is_floating_point else torch.float32
 
 
-def read_state_dict(ckpt_dir: Path, cfg: TextConfig, dtype: torch.dtype,
-                    device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+def read_state_dict(ckpt_dir: Path, cfg: TextConfig, dtype: torch.dtype, device: torch.device | str = "cpu",
+                    quantized: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
     """Validate a checkpoint against `cfg` and yield (dgemma name, tensor in `dtype` on `device`).
-    Tensors come one at a time so the caller can place each before the next is converted."""
+    Tensors come one at a time so the caller can place each before the next is converted.
+
+    `quantized` (a quantized checkpoint): the expected shape and dtype of each quantized part, by dgemma name
+    (`layers.0.mlp.up_proj.weight.qdata`, `....scale`; see `quant.py`); those are yielded in their stored dtype.
+    In the files a part `X.qdata` is stored under X's key and `X.scale` under X's key + "_scale"."""
+    chosen, files, qwant = choose_records(ckpt_dir, cfg, quantized)
+    for name, rec in chosen.items():
+        t = files[rec.file].tensor(rec.key)
+        yield name, t.to(device=device, dtype=qwant[name][1] if name in qwant else dtype)
+
+
+def choose_records(ckpt_dir: Path, cfg: TextConfig,
+                   quantized: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None):
+    """Validate a checkpoint's index against `cfg` (see `read_state_dict`): (dgemma name -> TensorRecord, the open
+    files, the quantized parts expected)."""
     records, _files = open_weights(ckpt_dir)
     want = expected_shapes(cfg)
+    qwant = quantized or {}
+    if qwant:
+        want = {n: s for n, s in want.items() if n + ".qdata" not in qwant}
+        want.update({n: shape for n, (shape, _) in qwant.items()})
     chosen: dict[str, TensorRecord] = {}
     unexpected: list[str] = []
     for key, rec in records.items():
         name = dgemma_name(key)
         if name is None:
             continue
+        if qwant and name + ".qdata" in qwant:
+            name += ".qdata"
+        elif qwant and name.endswith("_scale") and name[: -len("_scale")] + ".scale" in qwant:
+            name = name[: -len("_scale")] + ".scale"
         if name not in want:
             unexpected.append(key)
             continue
@@ -231,7 +254,7 @@ def read_state_dict(ckpt_dir: Path, cfg: TextConfig, dtype: torch.dtype,
         raise CheckpointError(
             f"{ckpt_dir}: unexpected weights for this config: {', '.join(sorted(unexpected)[:5])}{more}. "
             "Does config.json match these weights (num_hidden_layers, layer_types, per-layer overrides)?")
-    missing = [hf_key(n) for n in want if n not in chosen]
+    missing = [quantized_key(n) for n in want if n not in chosen]
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise CheckpointError(f"{ckpt_dir}: missing weights: {', '.join(missing[:5])}{more}")
@@ -240,11 +263,22 @@ def read_state_dict(ckpt_dir: Path, cfg: TextConfig, dtype: torch.dtype,
             raise CheckpointError(
                 f"{rec.file}: tensor '{rec.key}' has shape {list(rec.shape)}, but config.json implies "
                 f"{list(want[name])}; the config contradicts the weights")
-        if not (rec.dtype.is_floating_point):
+        if name in qwant:
+            if rec.dtype != qwant[name][1]:
+                raise CheckpointError(f"{rec.file}: tensor '{rec.key}' has dtype {DTYPE_NAMES[rec.dtype]}, but the "
+                                      f"quantization_config implies {DTYPE_NAMES[qwant[name][1]]}")
+        elif not (rec.dtype.is_floating_point):
             raise CheckpointError(f"{rec.file}: tensor '{rec.key}' has non-float dtype {DTYPE_NAMES[rec.dtype]}")
-    for name, rec in chosen.items():
-        t = _files[rec.file].tensor(rec.key)
-        yield name, t.to(device=device, dtype=dtype)
+    return chosen, _files, qwant
+
+
+def quantized_key(name: str) -> str:
+    """dgemma name -> safetensors key, for quantized parts too (`X.qdata` -> X's key, `X.scale` -> X's key_scale)."""
+    if name.endswith(".qdata"):
+        return hf_key(name[: -len(".qdata")])
+    if name.endswith(".scale") and not name.endswith("router.scale"):
+        return hf_key(name[: -len(".scale")]) + "_scale"
+    return hf_key(name)
 
 
 # ---------------------------------------------------------------------------------------------------------------

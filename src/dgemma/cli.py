@@ -68,7 +68,54 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_sudoku(sub)
     _add_bench(sub)
+    _add_quantize(sub)
     return parser
+
+
+def _add_quantize(sub: Any) -> None:
+    p = sub.add_parser(
+        "quantize", help="write an FP8 or int4 copy of a checkpoint (e.g. dgemma quantize ./ckpt ./ckpt-int4 "
+                         "--format int4)",
+        description="Quantize a float checkpoint's attention, MLP and expert matrices to FP8 (e4m3, one scale per "
+                    "output channel) or int4 (symmetric, one bf16 scale per group of input columns, two weights "
+                    "per byte); the embedding (also the tied head), norms, router and scalars keep their dtype. "
+                    "Streams tensor by tensor: the float model is never whole in memory. The output is an "
+                    "HF-style directory (config.json gains a quantization_config) that dgemma load / generate / "
+                    "serve / bench read. See docs/quantization.md.",
+        epilog="examples:\n  dgemma quantize ./ckpt ./ckpt-fp8 --format fp8\n"
+               "  dgemma quantize ./ckpt ./ckpt-int4 --format int4 --group-size 64",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", metavar="IN", help="float checkpoint directory (bf16 / fp16 / fp32)")
+    p.add_argument("out", metavar="OUT", help="output directory (must be empty or missing unless --force)")
+    p.add_argument("--format", required=True, choices=("fp8", "int4"), help="weight format")
+    p.add_argument("--group-size", type=int, metavar="N",
+                   help="int4: input columns per scale; must divide every quantized matrix's input dimension "
+                        "(default: per tensor, the largest of 128, 64, 32 that divides it)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty OUT, replacing its checkpoint")
+    p.set_defaults(func=cmd_quantize)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from . import quant
+
+    src = checkpoint_dir(args.src)
+    out = Path(args.out)
+    if out.exists() and out.resolve() == src.resolve():
+        raise DGemmaError("OUT must be a different directory from IN")
+    _check_out_dir(out, args.force)
+    plan = quant.plan_quantize(src, quant.Scheme(args.format, args.group_size))
+    print(f"quantizing {src} to {args.format} in {out}: {human_bytes(plan.in_bytes)} -> "
+          f"{human_bytes(plan.out_bytes)} of weights")
+    _check_free_space(out, plan.out_bytes, reclaimable=_reclaimable_bytes(out) if args.force else 0)
+    progress, finish = _byte_progress(plan.out_bytes, label="quantizing")
+    t0 = time.perf_counter()
+    try:
+        quant.quantize_checkpoint(plan, out, progress=progress)
+    finally:
+        finish()
+    print(f"done in {time.perf_counter() - t0:.1f} s. try: dgemma info {out}   or   dgemma generate --model {out} "
+          "\"Hello\"")
+    return 0
 
 
 def _add_generate(sub: Any) -> None:
@@ -159,6 +206,8 @@ def _add_bench(sub: Any) -> None:
     p.add_argument("--dtype", choices=DTYPE_CHOICES, help="compute dtype (default: the checkpoint's; random "
                    "weights: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--device", metavar="DEV", help="e.g. cpu, cuda (default: cuda if available)")
+    p.add_argument("--format", choices=("fp8", "int4"),
+                   help="quantize the matrices (random weights: as they are drawn; --model: while loading)")
     p.add_argument("--json", metavar="FILE", help="also write the full report as JSON to FILE ('-' = stdout only)")
     p.set_defaults(func=cmd_bench)
 
@@ -184,11 +233,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     reference = None
     if args.random_weights:
-        model = random_model(args.preset, args.device, args.dtype, seed=args.seed)
+        model = random_model(args.preset, args.device, args.dtype, seed=args.seed, quantize=args.format)
     else:
         d = checkpoint_dir(args.model)
-        model = _load_model(d, args)
-        if not args.no_reference and any(m != "ar" for m in modes):
+        model = _load_model(d, args, quantize=args.format)
+        if model.config.quantization_config and not args.no_reference:
+            print("bench: quantized weights; skipping the float transformers reference", file=sys.stderr)
+        elif not args.no_reference and any(m != "ar" for m in modes):
             reference = _load_reference(d, model)
     limit = model.config.text.max_position_embeddings
     if args.prompt_len + args.new_tokens + model.config.canvas_length > limit:
@@ -246,6 +297,9 @@ def _add_init(sub: Any) -> None:
     p.add_argument("out", metavar="OUT", help="output directory (must be empty or missing unless --force)")
     p.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, help="weight dtype (default: the preset's)")
+    p.add_argument("--format", choices=("fp8", "int4"),
+                   help="write the matrices quantized (as dgemma quantize would; no float copy is made)")
+    p.add_argument("--group-size", type=int, metavar="N", help="int4 group size (default: per tensor, 128/64/32)")
     p.add_argument("--force", action="store_true", help="write into a non-empty OUT, replacing its checkpoint")
     p.set_defaults(func=cmd_init)
 
@@ -523,7 +577,7 @@ def _prompt_ids(tok: Any, prompt: str, chat: bool, system: str | None) -> list[i
     return ids
 
 
-def _load_model(d: Path, args: argparse.Namespace) -> Any:
+def _load_model(d: Path, args: argparse.Namespace, quantize: str | None = None) -> Any:
     """`dgemma.load` with a spinner on stderr (when it is a terminal)."""
     from rich.console import Console
 
@@ -531,9 +585,9 @@ def _load_model(d: Path, args: argparse.Namespace) -> Any:
 
     console = Console(stderr=True)
     if getattr(args, "quiet", False) or not console.is_terminal:
-        return load(d, dtype=args.dtype, device=args.device)
+        return load(d, dtype=args.dtype, device=args.device, quantize=quantize)
     with console.status(f"loading {d} …"):
-        return load(d, dtype=args.dtype, device=args.device)
+        return load(d, dtype=args.dtype, device=args.device, quantize=quantize)
 
 
 def _make_watcher(tok: Any, prompt: str, pad_token_id: int | None) -> Any:
@@ -621,9 +675,12 @@ def checkpoint_summary(d: Path) -> dict[str, Any]:
                     "moe_intermediate_size": t.moe_intermediate_size},
         "layers": {"total": t.num_hidden_layers, "groups": layer_groups(config)},
         "parameters": counts,
-        "weight_bytes": {name: counts["total"] * size for name, size in (("float32", 4), ("bfloat16", 2), ("fp8", 1))},
+        "weight_bytes": weight_bytes_by_format(t),
         "active_weight_bytes": {name: counts["active"] * size
                                 for name, size in (("float32", 4), ("bfloat16", 2), ("fp8", 1))},
+        "resident_bytes": resident_bytes_by_format(t, RESIDENT_CONTEXT),
+        "resident_context": RESIDENT_CONTEXT,
+        "quantization": config.quantization_config,
         "kv_cache": kv_cache_summary(config, _dtype_size(dtype)),
         "weights_on_disk": _weights_on_disk(d),
         "generation_config": dataclasses.asdict(gcfg.merged()),
@@ -631,6 +688,27 @@ def checkpoint_summary(d: Path) -> dict[str, Any]:
         "tokenizer": (d / "tokenizer.json").is_file(),
         "chat_template": _has_chat_template(d),
     }
+
+
+RESIDENT_CONTEXT = 4096  # the context `dgemma info` states resident memory for
+
+
+def weight_bytes_by_format(t: Any) -> dict[str, int]:
+    """Weight bytes as float32 / bfloat16, and quantized (fp8 / int4 matrices, the rest bf16; see dgemma.quant)."""
+    from . import checkpoint, quant
+
+    shapes = checkpoint.expected_shapes(t)
+    return {"float32": quant.weight_bytes(shapes, 4, None), "bfloat16": quant.weight_bytes(shapes, 2, None),
+            "fp8": quant.weight_bytes(shapes, 2, quant.Scheme("fp8")),
+            "int4": quant.weight_bytes(shapes, 2, quant.Scheme("int4"))}
+
+
+def resident_bytes_by_format(t: Any, context: int) -> dict[str, int]:
+    """Weights + one request's bf16 KV cache of `context` tokens. (The KV cache keeps every position in every
+    layer today, sliding ones too.)"""
+    kv = sum(2 * t.layer_kv_heads(i) * t.layer_head_dim(i) * 2 for i in range(t.num_hidden_layers)) * context
+    w = weight_bytes_by_format(t)
+    return {name: w[name] + kv for name in ("bfloat16", "fp8", "int4")}
 
 
 def layer_groups(config: ModelConfig) -> list[dict[str, Any]]:
@@ -730,8 +808,15 @@ def format_summary(s: dict[str, Any]) -> str:
         "  weights         " + ", ".join(f"{n} {human_bytes(b)}" for n, b in
                                          (("fp32", s["weight_bytes"]["float32"]),
                                           ("bf16", s["weight_bytes"]["bfloat16"]),
-                                          ("fp8", s["weight_bytes"]["fp8"]))),
+                                          ("fp8", s["weight_bytes"]["fp8"]),
+                                          ("int4", s["weight_bytes"]["int4"]))),
         f"                  active per token (top-K experts): bf16 {human_bytes(s['active_weight_bytes']['bfloat16'])}",
+        f"  resident        weights + bf16 KV for {s['resident_context']:,} tokens: " + ", ".join(
+            f"{n} {human_bytes(b)}" for n, b in (("bf16", s["resident_bytes"]["bfloat16"]),
+                                                  ("fp8", s["resident_bytes"]["fp8"]),
+                                                  ("int4", s["resident_bytes"]["int4"]))),
+        *([f"  quantized       {s['quantization'].get('format')} (dgemma quantize; matrices only, see "
+           "docs/quantization.md)"] if s.get("quantization") else []),
         f"  on disk         {disk['files']} safetensors file{'s' if disk['files'] != 1 else ''}, "
         f"{human_bytes(disk['bytes'])}",
         f"  KV cache        {human_bytes(kv['bytes_per_token'])}/token ({kv_dtype}): "
@@ -767,36 +852,40 @@ def cmd_init(args: argparse.Namespace) -> int:
     """Write a random checkpoint of a preset, after checking OUT and the free disk space."""
     from .presets import init_checkpoint
 
+    from . import quant
+
     out = Path(args.out)
     _check_out_dir(out, args.force)
-    total, params, dtype = preset_size(args.preset, args.dtype)
-    print(f"writing preset {args.preset} ({human_count(params)} parameters, {dtype}) to {out}: "
+    if args.group_size is not None and args.format != "int4":
+        raise DGemmaError("--group-size applies to --format int4 only")
+    scheme = quant.Scheme(args.format, args.group_size) if args.format else None
+    total, params, dtype = preset_size(args.preset, args.dtype, scheme)
+    fmt = f", matrices {args.format}" if scheme else ""
+    print(f"writing preset {args.preset} ({human_count(params)} parameters, {dtype}{fmt}) to {out}: "
           f"{human_bytes(total)} ({total / 1e9:.2f} GB)")
     _check_free_space(out, total, reclaimable=_reclaimable_bytes(out) if args.force else 0)
     progress, finish = _byte_progress(total)
     try:
-        init_checkpoint(args.preset, out, seed=args.seed, dtype=args.dtype, progress=progress)
+        init_checkpoint(args.preset, out, seed=args.seed, dtype=args.dtype, progress=progress, quantize=scheme)
     finally:
         finish()
     print(f"done. try: dgemma info {out}   or   dgemma generate --model {out} \"Hello\"")
     return 0
 
 
-def preset_size(preset: str, dtype: str | None) -> tuple[int, int, str]:
+def preset_size(preset: str, dtype: str | None, scheme: Any = None) -> tuple[int, int, str]:
     """(weight bytes, parameter count, dtype name) of a preset checkpoint, without writing anything."""
-    from . import checkpoint
+    import math
+
+    from . import checkpoint, quant
     from .api import resolve_dtype
     from .presets import preset_config
 
     cfg, _ = preset_config(preset)
     tdtype = resolve_dtype(dtype, cfg.dtype)
-    numel = 0
-    for shape in checkpoint.expected_shapes(cfg.text).values():
-        n = 1
-        for s in shape:
-            n *= s
-        numel += n
-    return numel * tdtype.itemsize, numel, str(tdtype).removeprefix("torch.")
+    shapes = checkpoint.expected_shapes(cfg.text)
+    numel = sum(math.prod(s) for s in shapes.values())
+    return quant.weight_bytes(shapes, tdtype.itemsize, scheme), numel, str(tdtype).removeprefix("torch.")
 
 
 def _check_out_dir(out: Path, force: bool) -> None:
@@ -826,7 +915,8 @@ def _check_free_space(out: Path, need: int, reclaimable: int = 0) -> None:
                           f"{human_bytes(need + margin)} but only {human_bytes(free)} is free")
 
 
-def _byte_progress(total: int) -> tuple[Callable[[int, int], None] | None, Callable[[], None]]:
+def _byte_progress(total: int, label: str = "writing weights"
+                   ) -> tuple[Callable[[int, int], None] | None, Callable[[], None]]:
     """A (progress(done, total), finish()) pair drawing a rich bytes bar on stderr for large writes."""
     if total < PROGRESS_MIN_BYTES:
         return None, lambda: None
@@ -834,7 +924,7 @@ def _byte_progress(total: int) -> tuple[Callable[[int, int], None] | None, Calla
     from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                                TransferSpeedColumn)
 
-    bar = Progress(TextColumn("writing weights"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+    bar = Progress(TextColumn(label), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                    TimeRemainingColumn(), console=Console(stderr=True))
     task = bar.add_task("weights", total=total)
     bar.start()

@@ -219,6 +219,7 @@ class ModelConfig:
     eoi_token_id: int | None = 258_882
     dtype: str | None = None
     vision_config: dict[str, Any] | None = None  # kept verbatim for saving; dgemma has no vision tower
+    quantization_config: dict[str, Any] | None = None  # dgemma's FP8 / int4 weights (quant.py), verbatim
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config.json") -> "ModelConfig":
@@ -241,7 +242,7 @@ class ModelConfig:
         return cls(text=text, canvas_length=L,
                    image_token_id=d.get("image_token_id", 258_880), boi_token_id=d.get("boi_token_id", 255_999),
                    eoi_token_id=d.get("eoi_token_id", 258_882), dtype=d.get("dtype") or d.get("torch_dtype"),
-                   vision_config=d.get("vision_config"))
+                   vision_config=d.get("vision_config"), quantization_config=d.get("quantization_config"))
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelConfig":
@@ -261,6 +262,8 @@ class ModelConfig:
         }
         if self.dtype:
             d["dtype"] = self.dtype
+        if self.quantization_config:
+            d["quantization_config"] = copy.deepcopy(self.quantization_config)
         # transformers always instantiates a vision tower; a missing config means the full-size default one.
         d["vision_config"] = copy.deepcopy(self.vision_config) if self.vision_config else dict(TINY_VISION_CONFIG)
         return d

@@ -19,6 +19,8 @@ from .errors import DGemmaError
 if TYPE_CHECKING:  # torch is imported where used, so listing presets (`dgemma --help`) stays instant
     import torch
 
+    from . import quant
+
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(
         text=dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
@@ -70,23 +72,27 @@ def random_tensor(name: str, shape: tuple[int, ...], seed: int, embed_std: float
 
 
 def init_checkpoint(preset: str, out_dir: str | Path, seed: int = 0, dtype: str | None = None,
-                    max_shard_bytes: int = 2 * 1024**3, progress: Callable[[int, int], None] | None = None) -> Path:
+                    max_shard_bytes: int = 2 * 1024**3, progress: Callable[[int, int], None] | None = None,
+                    quantize: "quant.Scheme | None" = None) -> Path:
     """Write a random checkpoint (config, generation config, weights, tokenizer) for `preset` into `out_dir`."""
     from .tokenizer import build_tokenizer
 
     cfg, gcfg = preset_config(preset)
     return init_from_config(cfg, gcfg, build_tokenizer(cfg.text.vocab_size), out_dir, seed=seed, dtype=dtype,
                             embed_std=PRESETS[preset]["embed_std"], max_shard_bytes=max_shard_bytes,
-                            progress=progress)
+                            progress=progress, quantize=quantize)
 
 
 def init_from_config(cfg: ModelConfig, gcfg: GenerationConfig, tokenizer: Any, out_dir: str | Path, *,
                      seed: int = 0, dtype: str | None = None, embed_std: float = 0.02,
-                     max_shard_bytes: int = 2 * 1024**3, progress: Callable[[int, int], None] | None = None) -> Path:
-    """Write a randomly initialised checkpoint for any config and tokenizer (e.g. a model trained from scratch)."""
+                     max_shard_bytes: int = 2 * 1024**3, progress: Callable[[int, int], None] | None = None,
+                     quantize: "quant.Scheme | None" = None) -> Path:
+    """Write a randomly initialised checkpoint for any config and tokenizer (e.g. a model trained from scratch);
+    with `quantize`, its matrices go straight to FP8 / int4 (a float copy never exists)."""
     import torch
 
     from . import checkpoint
+    from . import quant as qmod
     from .api import resolve_dtype
 
     tdtype = resolve_dtype(dtype, cfg.dtype)
@@ -96,28 +102,10 @@ def init_from_config(cfg: ModelConfig, gcfg: GenerationConfig, tokenizer: Any, o
         raise DGemmaError(f"{out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     shapes = checkpoint.expected_shapes(cfg.text)
-    keys = {checkpoint.hf_key(n): n for n in shapes}
-    sizes = {k: _numel(shapes[n]) * tdtype.itemsize for k, n in keys.items()}
-    total = sum(sizes.values())
-    done = 0
-
-    def on_shard(nbytes: int) -> None:
-        nonlocal done
-        done += nbytes
-        if progress:
-            progress(done, total)
-
-    checkpoint.write_weights(
-        out, sizes, lambda k: random_tensor(keys[k], shapes[keys[k]], seed, embed_std).to(tdtype),
-        max_shard_bytes, on_shard)
+    qmod.write_weights(out, shapes, lambda n: random_tensor(n, shapes[n], seed, embed_std), lambda n: tdtype,
+                       quantize, max_shard_bytes, progress)
+    cfg.quantization_config = quantize.to_config() if quantize is not None else None
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(gcfg.to_hf_dict(), indent=2) + "\n")
     tokenizer.save(out)
     return out
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

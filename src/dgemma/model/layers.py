@@ -170,9 +170,9 @@ class Experts(nn.Module):
             rows = (ends - padded)[sorted_ids] + rank  # buffer row of the i-th sorted pair
             xs = x.new_zeros(flat.numel() + E * pad.extra, x.shape[1]).index_copy(0, rows, x[perm // K])
             offs = ends.to(torch.int32)
-        u = ops.grouped_mm(xs, self.gate_up_proj.transpose(-2, -1), offs)
+        u = ops.expert_mm(xs, self.gate_up_proj, offs)
         gate, up = u.chunk(2, dim=-1)
-        y = ops.grouped_mm(gelu_tanh(gate) * up, self.down_proj.transpose(-2, -1), offs)
+        y = ops.expert_mm(gelu_tanh(gate) * up, self.down_proj, offs)
         y = (y[rows] if grow else y) * weights.reshape(-1)[perm].unsqueeze(-1)  # fp32 (weights are fp32)
         out = torch.empty_like(y).index_copy(0, perm, y)
         return out.view(T, K, -1).sum(dim=1).to(x.dtype)

@@ -5,7 +5,8 @@ Layers call these and nothing else device-specific:
   rectangular batch; `sdpa` the same through `scaled_dot_product_attention` (the fast path on a CPU); "flex" is
   FlexAttention over any packing of segments, block-sparse, with the mask of `batch.py`. Flex visits a query's key blocks in a fixed order at fixed offsets inside its own KV slot, so its
   result does not depend on the other segments in the call or on the cache capacity (tested).
-- `linear` / `grouped_mm`: matrix products. With a `pad` table (the fast path) the row count of every product is
+- `linear` / `grouped_mm` / `expert_mm`: matrix products; a quantized weight (`quant.QTensor`) runs its own
+  product (FP8 scaled GEMMs on FP8 GPUs, else dequantized inside the call). With a `pad` table (the fast path) the row count of every product is
   raised to one whose rows get their canonical bits (see `gemm_pad_table`), so a row never depends on how many
   other rows share the product: batch invariance.
 """
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from .. import quant
 
 try:  # FlexAttention (torch >= 2.5)
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -97,12 +100,20 @@ class Pad:
         return self.rows[m] if m < len(self.rows) else m
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, pad: Pad | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, w: torch.Tensor | quant.QTensor, pad: Pad | None = None) -> torch.Tensor:
     """x [M, in] · wᵀ. With `pad`, M is raised to a row count whose rows get their canonical bits."""
+    mm = w.linear if isinstance(w, quant.QTensor) else (lambda a: F.linear(a, w))
     m = x.shape[0] if pad is None else pad(x.shape[0])
     if m == x.shape[0]:
-        return F.linear(x, w)
-    return F.linear(F.pad(x, (0, 0, 0, m - x.shape[0])), w)[: x.shape[0]]
+        return mm(x)
+    return mm(F.pad(x, (0, 0, 0, m - x.shape[0])))[: x.shape[0]]
+
+
+def expert_mm(x: torch.Tensor, w: torch.Tensor | quant.QTensor, offs: torch.Tensor) -> torch.Tensor:
+    """The experts' product: x [M, in] (rows sorted by expert) · w[g]ᵀ for w [E, out, in]."""
+    if isinstance(w, quant.QTensor):
+        return quant.expert_mm(x, w, offs)
+    return grouped_mm(x, w.transpose(-2, -1), offs)
 
 
 _PADS: dict[tuple, Pad] = {}

@@ -148,6 +148,13 @@ def lr_at(step: int, cfg: TrainConfig, elapsed_s: float = 0.0, warmup_s: float =
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
 
 
+def _quantization_of(model_dir: str | Path) -> dict | None:
+    try:
+        return json.loads((Path(model_dir) / "config.json").read_text()).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return None  # load() reports a missing or bad config with its own message
+
+
 def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
     """Run (or resume) training; returns the final checkpoint directory."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -159,6 +166,11 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
         device = torch.device(cfg.device)
     else:
         device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    qcfg = _quantization_of(cfg.model)
+    if qcfg:
+        raise DGemmaError(f"{cfg.model} is a quantized checkpoint ({qcfg.get('format', '?')}); training needs float "
+                         "weights: train the original bf16/fp32 checkpoint (LoRA over a frozen quantized base is "
+                         "not supported yet), then `dgemma quantize` the result")
     out = Path(cfg.out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
