@@ -177,3 +177,37 @@ def test_quantized_model_on_cuda_matches_the_cpu(micro_checkpoint, fmt):
     for compile in (False, True):
         out = gpu.generate(ids.cuda(), max_new_tokens=32, seed=1, max_denoising_steps=4, compile=compile)
         assert out.sequences.shape[1] > ids.shape[1]
+
+
+def test_compiled_objective_gives_the_eager_gradients_on_cuda(micro_checkpoint):
+    """Compiled training on the GPU (Triton codegen, no CPU workaround): eager's loss and gradients. (CPU inductor
+    needed cpp.simdlen=1 for this; see train/objective.py.)"""
+    from dgemma.train import Batch, DiffusionObjective, ObjectiveConfig
+    from dgemma.train.objective import compile_objective
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    m = dgemma.load(micro_checkpoint, device="cuda", dtype=torch.float32)
+    bb = m.backbone.train().requires_grad_(True)
+    g = torch.Generator().manual_seed(0)
+    V, L = m.config.text.vocab_size, m.config.canvas_length
+    ids = torch.randint(3, V, (4, 40), generator=g)
+    valid = torch.ones(4, 40, dtype=torch.bool)
+    valid[1, 20:] = False
+    start = torch.tensor([8, 4, 24, 10])
+    canvas = torch.stack([ids[b, s:s + L] for b, s in enumerate(start.tolist())])
+    sup = torch.ones(4, L, dtype=torch.bool)
+    resp = torch.zeros(4, 40, dtype=torch.bool)
+    batch = Batch(ids, valid, start, sup, canvas, resp).prefix_only().to(torch.device("cuda"))
+    obj = DiffusionObjective(bb, ObjectiveConfig(ar_weight=0.0))
+
+    def run(f):
+        bb.zero_grad(set_to_none=True)
+        out = f(batch, torch.Generator(device="cuda").manual_seed(5))
+        out["loss"].backward()
+        return float(out["loss"]), {n: p.grad.clone() for n, p in bb.named_parameters() if p.grad is not None}
+
+    (le, ge), (lc, gc) = run(obj), run(compile_objective(obj, torch.device("cuda")))
+    assert abs(le - lc) <= 1e-4 * max(1.0, le)
+    for n in ge:
+        err = float((gc[n] - ge[n]).norm() / ge[n].norm().clamp_min(1e-12))
+        assert err < 1e-3, f"{n}: relative gradient difference {err:.2e}"

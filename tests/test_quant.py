@@ -300,3 +300,18 @@ def test_compiled_fast_step_with_quantized_weights(quantized, fmt):
     ids = torch.tensor([[2, 40, 41, 42]])
     kw = dict(max_new_tokens=32, seed=3, max_denoising_steps=4)
     assert torch.equal(m.generate(ids, compile=True, **kw).sequences, m.generate(ids, compile=False, **kw).sequences)
+
+
+def test_server_serves_a_quantized_checkpoint(quantized, tmp_path):
+    """`dgemma serve` on an int4 checkpoint (a real server process and the official openai client)."""
+    openai = pytest.importorskip("openai")
+    from server_utils import ServerProcess
+
+    srv = ServerProcess(quantized["int4"], tmp_path / "server.log", "--model-name", "q")
+    try:
+        client = openai.OpenAI(base_url=srv.base + "/v1", api_key="unused", max_retries=0, timeout=60)
+        r = client.completions.create(model="q", prompt="Hello", max_tokens=8, seed=1,
+                                      extra_body={"max_denoising_steps": 2})
+        assert r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens > 0
+    finally:
+        srv.stop()

@@ -2,7 +2,7 @@
 # Train the Sudoku diffusion model and its AR baseline side by side on one GPU machine.
 #   OUT=DIR bash recipes/sudoku/gpu.sh run [MINUTES]  # everything in one command (default 6 minutes of training;
 #       about MINUTES + 2 of wall time on one H100): data, a fresh init, both trainings at once with on-device
-#       symmetry augmentation (augment=sudoku), eager (compiled training is disabled for now), export,
+#       symmetry augmentation (augment=sudoku), eager unless COMPILE=1, export,
 #       evaluation of both on the held-out puzzles. Writes to $OUT: diffusion.tar, ar.tar (bf16 checkpoints), metrics_*.csv, eval.json, eval_ar.json,
 #       train_logs.txt, timings.txt. Data: .carry/sudoku/{train.jsonl,test.txt} when present (made by prepare.py
 #       here), else generated on the machine's cores (N_TRAIN, N_TEST; about 40 s for 40k puzzles on 16 cores).
@@ -15,7 +15,7 @@
 # Environment knobs: FROM=shipped continues from the models in src/dgemma/assets/sudoku (default: a fresh init);
 # LR, WARMUP (steps), SEED (data order and a fresh set of symmetry images), AUG (images per puzzle),
 # COMPILE=1 (torch.compile the objective; a run that fails to compile restarts eagerly for the minutes left;
-# the trainer refuses compile=true for now, so COMPILE=1 ends in that eager retry).
+# compiled gradients equal eager ones on CPU; on CUDA run tests/test_cuda.py's compiled-objective test first).
 set -uo pipefail
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true
 R=${WORK:-/root/sudoku}  # scratch space on the machine
@@ -82,7 +82,7 @@ run)
     --n-test ${N_TEST:-1000} --seed $SEED || exit 1  # reuses carried data; makes the init
   stamp "data+init"
   export DATA=$R/train.jsonl EXTRA="--set augment=sudoku"
-  COMPILE=${COMPILE:-0}  # compile=true is refused by the trainer for now (see docs/training.md)
+  COMPILE=${COMPILE:-0}  # compiled training: gradients checked on CPU, not yet on CUDA (docs/training.md)
   for m in diffusion ar; do
     cfg=recipes/sudoku/train.toml; [ $m = ar ] && cfg=recipes/sudoku/train_ar.toml
     launch $m $cfg $MIN

@@ -163,3 +163,15 @@ class DiffusionObjective(nn.Module):
         with torch.no_grad():
             acc = ((logits.argmax(-1) == batch.ids[:, 1:]) & tgt).sum() / tgt.sum().clamp_min(1)
         return {"loss": loss, "ar_loss": loss, "canvas_accuracy": acc}
+
+
+# CPU inductor (torch 2.13) miscompiles the objective's backward when it vectorises: the loss matches eager but the
+# attention keys' gradients differ by more than 100% (`aot_eager` is exact; `cpp.simdlen=1`, scalar C++ loops,
+# gives the eager gradients to 3e-4). Until that is fixed upstream, CPU compiles of the objective go scalar.
+CPU_COMPILE_OPTIONS = {"cpp.simdlen": 1}
+
+
+def compile_objective(module: nn.Module, device: torch.device) -> nn.Module:
+    """`torch.compile` of a DiffusionObjective (or a wrapper of it), with the CPU workaround above."""
+    return torch.compile(module, options=CPU_COMPILE_OPTIONS if torch.device(device).type == "cpu" else None)
+

@@ -25,7 +25,7 @@ from ..errors import DGemmaError
 from .data import TensorData, load_jsonl
 from .flops import FlopModel, peak_tflops
 from .lora import apply_lora, export_state, lora_state
-from .objective import DiffusionObjective, ObjectiveConfig
+from .objective import DiffusionObjective, ObjectiveConfig, compile_objective
 
 
 @dataclass
@@ -57,7 +57,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     max_minutes: float = 0.0  # > 0: stop (and save) after this much training time; cosine follows the clock
-    compile: bool = False  # torch.compile the objective: refused for now (compiled key gradients differ from eager)
+    compile: bool = False  # torch.compile the objective (CPU: scalar C++ loops, see objective.compile_objective)
     augment: str = "none"  # "sudoku": a fresh random symmetry of every Sudoku example each time it is drawn
     peak_tflops: float = 0.0  # the device's peak for the MFU column (0: the known GPUs' bf16 peak; none on a CPU)
     device: str | None = None
@@ -91,9 +91,6 @@ class TrainConfig:
             raise DGemmaError(f"max_minutes={self.max_minutes!r} is invalid; expected a number >= 0 (0 = no limit)")
         if not isinstance(self.compile, bool):
             raise DGemmaError(f"compile={self.compile!r} is invalid; expected true or false")
-        if self.compile:
-            raise DGemmaError("compile=true is disabled: under torch.compile the gradients of the attention keys "
-                              "differ from eager training (a known bug, see docs/training.md); use compile=false")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise DGemmaError(f"lr={self.lr!r} is invalid; expected a number > 0")
         if not 0 <= self.sc_prob <= 1:
@@ -222,7 +219,7 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
         wrapped = torch.nn.parallel.DistributedDataParallel(
             objective, device_ids=[local] if device.type == "cuda" else None)
     prefix_only = cfg.objective == "diffusion" and cfg.ar_weight == 0  # nothing reads the rest: a shorter encode
-    run = torch.compile(wrapped) if cfg.compile else wrapped  # the MoE's grouped GEMM stays eager (layers.py)
+    run = compile_objective(wrapped, device) if cfg.compile else wrapped  # the MoE's grouped GEMM stays eager
     params = [p for p in bb.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
                             fused=device.type == "cuda")  # one kernel per step on CUDA
