@@ -78,10 +78,10 @@ class Scheme:
             return None
         if self.group_size is not None:
             if in_features % self.group_size:
+                fits = ", ".join(str(g) for g in GROUP_SIZES if in_features % g == 0) or "none of 128/64/32"
                 raise QuantError(f"group size {self.group_size} does not divide the input dimension {in_features} "
-                                 f"of tensor '{name}'; choose a divisor (e.g. "
-                                 f"{', '.join(str(g) for g in GROUP_SIZES if in_features % g == 0) or 'none of 128/64/32'})"
-                                 " or omit --group-size to choose per tensor")
+                                 f"of tensor '{name}'; choose a divisor (e.g. {fits}) or omit --group-size to choose "
+                                 "per tensor")
             return self.group_size
         for g in GROUP_SIZES:
             if in_features % g == 0:
