@@ -181,9 +181,6 @@ class Engine:
             if t is not None and name in ("t_min", "t_max"):
                 msg += f" (t_min and t_max as scaled by temperature={t!r}: x{scale:g}, at least x{TEMPERATURE_FLOOR:g})"
             raise RequestRefused(msg, name) from None
-        # A history longer than N steps can never fill, so S >= N already means "never stable": capping S at N
-        # changes no result and bounds the per-request history memory.
-        gcfg.stability_threshold = min(gcfg.stability_threshold, gcfg.max_denoising_steps)
         n_canvases = math.ceil(max_tokens / self.L)
         total = len(prompt) + n_canvases * self.L
         if len(prompt) + max_tokens > self.context:

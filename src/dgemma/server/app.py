@@ -87,10 +87,6 @@ class ServerState:
         self.context_length = int(model.config.text.max_position_embeddings)
         self.vocab_size = int(model.config.text.vocab_size)
         self.image_token_id = getattr(model.config, "image_token_id", None)
-        try:
-            self.default_steps = int(model.generation_config.merged().max_denoising_steps)
-        except Exception:
-            self.default_steps = None
         self.draining = False
         self.runs: set[_Run] = set()
         self._drain_task: asyncio.Task | None = None
@@ -430,12 +426,6 @@ async def _generate(st: ServerState, request: Request, chat: bool) -> Response:
     req.validate_values(st.context_length)
     prompt_ids = st.chat_prompt(req) if chat else st.completion_prompt(req)
     params = req.sampling_params()
-    # A canvas cannot be stable for more steps than it has: stability_threshold >= max_denoising_steps already
-    # means "never stop early", and the sampler keeps S argmax canvases of history, so cap S at the step count.
-    steps = params.max_denoising_steps if params.max_denoising_steps is not None else st.default_steps
-    if (params.stability_threshold is not None and isinstance(steps, int) and steps > 0
-            and params.stability_threshold > steps):
-        params.stability_threshold = steps
     try:
         st.engine.validate(prompt_ids, params)
     except (RequestRefused, DGemmaError) as e:
