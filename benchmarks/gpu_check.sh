@@ -4,8 +4,9 @@
 # PART "fast" (the default): 1. the CUDA tests (compiled vs eager logits, the fast sampler on the GPU, CUDA-graph
 # replay), 2. dgemma bench of 26b-a4b random weights in bf16 at prompt 4096 (fixed16, fixed48, adaptive, ar), 3. the
 # engine at concurrency 1 and 8 with 48 steps.
-# PART "quant" (issue 14): 1. the CUDA tests, 2. bench 26b-a4b at prompt 4096 in bf16 (fixed16, ar: the baseline on
-# the same machine), fp8 (fixed16, adaptive, ar) and int4 (fixed16, ar), each with its share of its own floor.
+# PART "quant" (issue 14): 1. the CUDA tests, 2. the int4 kernel's micro-benchmark (benchmarks/int4_kernel_bench.py),
+# 3. bench 26b-a4b at prompt 4096 in bf16 (fixed16, ar: the baseline on the same machine), fp8 (fixed16, adaptive,
+# ar) and int4 (fixed16, ar; through the Triton kernel), each with its share of its own floor.
 # Every step writes JSON (and its log) into OUTDIR and has its own time limit, so one slow step cannot eat the
 # others' budget. Needs: torch with CUDA, and dgemma's pure-Python deps (pip install -e . or PYTHONPATH=src with
 # safetensors/tokenizers present); pytest for step 1 (skipped with a note if missing).
@@ -25,7 +26,7 @@ note "env: $(cat "$OUT/env.txt")"
 
 if $PY -c "import pytest" 2>/dev/null; then
   note "1/3 CUDA tests"
-  DGEMMA_SLOW_TESTS=1 timeout $([ "$PART" = quant ] && echo 100 || echo 150) $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+  DGEMMA_SLOW_TESTS=1 timeout $([ "$PART" = quant ] && echo 80 || echo 150) $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py \
     --junitxml "$OUT/tests.xml" > "$OUT/tests.txt" 2>&1
   note "tests rc=$? ($(tail -1 "$OUT/tests.txt"))"
 else
@@ -33,7 +34,10 @@ else
 fi
 
 if [ "$PART" = quant ]; then
-  for spec in "bf16::fixed16,ar:110" "fp8:--format fp8:fixed16,adaptive,ar:150" "int4:--format int4:fixed16,ar:130"; do
+  note "int4 kernel micro-benchmark (one layer's products: bf16, int4 Triton, int4 dequantized)"
+  timeout 40 $PY benchmarks/int4_kernel_bench.py --json "$OUT/int4_kernel.json" > "$OUT/int4_kernel.txt" 2>&1
+  note "int4 kernel bench rc=$?"
+  for spec in "bf16::fixed16,ar:100" "fp8:--format fp8:fixed16,adaptive,ar:140" "int4:--format int4:fixed16,ar:120"; do
     IFS=: read -r name flags modes limit <<< "$spec"
     note "bench 26b-a4b $name prompt 4096 ($modes)"
     # shellcheck disable=SC2086

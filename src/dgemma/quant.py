@@ -10,7 +10,9 @@ Execution (`QTensor.linear`, `expert_mm`):
 - FP8 on a CUDA device that has FP8 tensor cores (compute capability 8.9+): W8A8 through torch's scaled GEMMs,
   with each activation row quantized to e4m3 on the fly (its own scale): `torch._scaled_mm` for a matrix,
   `torch._scaled_grouped_mm` for the experts.
-- Everything else (CPU, int4 anywhere, FP8 on older GPUs): the weight is dequantized to the activation dtype
+- int4 on a CUDA device with Triton installed (group ≥ 32): W4A16 through dgemma's Triton kernel, which
+  dequantizes inside the (grouped) GEMM, so the weight is read as 4-bit codes (`int4_kernel.py`).
+- Everything else (CPU, int4 without Triton, FP8 on older GPUs): the weight is dequantized to the activation dtype
   inside the product: one matrix at a time; the experts one group at a time on a CPU and one layer at a time on a
   GPU (no host sync). No dequantized copy of the model ever exists.
 """
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import int4_kernel
 from .errors import DGemmaError
 
 FORMATS = ("fp8", "int4")
@@ -227,6 +230,9 @@ class QTensor(nn.Module):
         """x [M, in] · Wᵀ -> [M, out] in x's dtype."""
         if self.format == "fp8" and fp8_gemm_available(x.device):
             return fp8_linear(x, self.qdata, self.scale)
+        if self.format == "int4" and int4_kernel.available(x, self.group_size):
+            y = _int4_grouped_mm(x.reshape(-1, x.shape[-1]), self.qdata[None], self.scale[None], None)
+            return y.view(*x.shape[:-1], y.shape[-1])
         return F.linear(x, self.dequantize(x.dtype))
 
     def extra_repr(self) -> str:
@@ -265,6 +271,20 @@ def fp8_linear_twin(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor) -> torc
 # ------------------------------------------------------------------------------------------------------------
 # the experts' grouped product
 # ------------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("dgemma::int4_grouped_mm", mutates_args=())
+def _int4_grouped_mm(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, offs: torch.Tensor | None
+                     ) -> torch.Tensor:
+    """The Triton W4A16 kernel as one opaque op (for torch.compile); offs None: one group of all rows."""
+    if offs is None:
+        offs = torch.full((1,), x.shape[0], dtype=torch.int32, device=x.device)
+    return int4_kernel.grouped_mm(x, qdata, scale, offs)
+
+
+@_int4_grouped_mm.register_fake
+def _(x, qdata, scale, offs):
+    return x.new_empty(x.shape[0], qdata.shape[1])
+
+
 @torch.library.custom_op("dgemma::dequant_grouped_mm", mutates_args=())
 def _dequant_grouped_mm(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, offs: torch.Tensor,
                         fmt: str) -> torch.Tensor:
@@ -319,6 +339,8 @@ def expert_mm(x: torch.Tensor, w: QTensor, offs: torch.Tensor) -> torch.Tensor:
     """x [M, in] · w[g]ᵀ per group g (rows sorted by group, `offs` cumulative int32 counts)."""
     if w.format == "fp8" and fp8_gemm_available(x.device) and hasattr(torch, "_scaled_grouped_mm"):
         return fp8_grouped_mm(x, w.qdata, w.scale, offs)
+    if w.format == "int4" and int4_kernel.available(x, w.group_size):
+        return _int4_grouped_mm(x, w.qdata, w.scale, offs)
     return _dequant_grouped_mm(x, w.qdata, w.scale, offs, w.format)
 
 
