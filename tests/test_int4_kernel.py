@@ -39,7 +39,7 @@ def _close(got, want, dtype):
 @pytest.mark.parametrize("E,N,K,group,counts", [
     (1, 48, 64, 32, [37]),  # a plain matrix: N not a multiple of the column block
     (4, 40, 128, 64, [5, 0, 23, 9]),  # an empty group
-    (3, 96, 256, 128, [17, 70, 1]),  # one group far above the average (several row tiles, MSPLIT strides)
+    (3, 96, 256, 128, [17, 70, 1]),  # one group far above the average (several row tiles, strided over the splits)
 ])
 def test_kernel_equals_its_twin(interpret, dtype, E, N, K, group, counts):
     x, q, s, offs = _operands(E, N, K, group, counts, dtype)
@@ -56,13 +56,13 @@ def test_kernel_equals_its_twin(interpret, dtype, E, N, K, group, counts):
 
 
 def test_row_splits_do_not_change_the_result(interpret, monkeypatch):
-    """MSPLIT only spreads the row tiles over programs: 1 split and many give the same numbers."""
+    """The row splits only spread the row tiles over programs: 1 split and many give the same numbers."""
     x, q, s, offs = _operands(2, 64, 128, 64, [90, 40], torch.float32)
     base = int4_kernel.grouped_mm(x, q, s, offs)
     blocks = int4_kernel._blocks
-    monkeypatch.setattr(int4_kernel, "_blocks", lambda m, g, n: (16, 32, 1))
+    monkeypatch.setattr(int4_kernel, "_blocks", lambda m, g, n, dt: (16, 32, 1))
     one = int4_kernel.grouped_mm(x, q, s, offs)
-    monkeypatch.setattr(int4_kernel, "_blocks", lambda m, g, n: (16, 32, 9))
+    monkeypatch.setattr(int4_kernel, "_blocks", lambda m, g, n, dt: (16, 32, 9))
     many = int4_kernel.grouped_mm(x, q, s, offs)
     monkeypatch.setattr(int4_kernel, "_blocks", blocks)
     assert torch.equal(one, many)
@@ -76,9 +76,18 @@ def test_availability(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert int4_kernel.available(x, 64)
     assert not int4_kernel.available(x, 16)  # groups below 32 columns: the dequantizing path
+    assert not int4_kernel.available(x, 48)  # not a power of two
+    assert not int4_kernel.available(x, 512)  # the K tile would not fit in shared memory
     assert not int4_kernel.available(x.to(torch.int32), 64)
     monkeypatch.setenv("DGEMMA_INT4_KERNEL", "dequant")
     assert not int4_kernel.available(x, 64)
+
+
+def test_offsets_beyond_the_rows_stay_in_bounds(interpret):
+    """offs[-1] larger than x's rows (a caller's bug) is clipped: no read or write past x and y."""
+    x, q, s, offs = _operands(2, 32, 64, 32, [3, 4], torch.float32, extra_rows=0)
+    got = int4_kernel.grouped_mm(x, q, s, torch.tensor([3, 50], dtype=torch.int32))
+    _close(got, int4_kernel.grouped_mm_twin(x, q, s, offs), torch.float32)
 
 
 def test_bad_operands_get_a_clear_error(interpret):

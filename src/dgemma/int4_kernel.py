@@ -7,12 +7,12 @@ x [M, K] (bf16 / fp16 / fp32, rows sorted by group), q [E, N, K/2] packed codes 
 stored as q + 8, see `quant.quantize_int4`), s [E, N, K/G] one scale per G input columns, offs [E] cumulative row
 counts (int32, as for `torch._grouped_mm`). A plain matrix is the case E = 1, offs = [M].
 
-How it computes: program (n, e, j) owns BLOCK_N output columns of group e and every MSPLIT-th tile of BLOCK_M rows
-of that group. Its K loop goes one scale group at a time: it loads the x tile's even and odd columns separately
+How it computes: program (n, e, j) owns BLOCK_N output columns of group e and every S-th tile of BLOCK_M rows of
+that group, S being the grid's third dimension. Its K loop goes one scale group at a time: it loads the x tile's even and odd columns separately
 (so the packed byte's two nibbles need no interleaving), the matching bytes of q, splits them into two int tiles,
 and accumulates s · (x_even · lo + x_odd · hi) in fp32. The group's row range is read on the device, so there is
-no host sync and a CUDA graph can capture the launch. MSPLIT only spreads the work; any value gives the same
-result.
+no host sync and a CUDA graph can capture the launch. S only spreads the work; any value gives the same result.
+Row ranges are clipped to x's rows, so a bad `offs` cannot read or write out of bounds.
 
 Triton is optional: without it (or on a CPU) `quant` dequantizes inside the product instead. Under
 `TRITON_INTERPRET=1` the kernel runs on CPU tensors, which is how the tests check it against its PyTorch twin.
@@ -28,7 +28,9 @@ import os
 
 import torch
 
-MIN_GROUP = 32  # tl.dot needs K ≥ 16 per operand: G/2 columns of each parity
+GROUPS = (32, 64, 128, 256)  # tl.dot needs K ≥ 16 per operand (G/2 columns of each parity), tl.arange a power of
+# two, and larger groups would not fit the K tile in shared memory; other groups take the dequantizing path
+MAX_SPLITS = 65535  # CUDA's limit on the grid's z dimension
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -48,11 +50,11 @@ def interpreting() -> bool:
 
 def available(x: torch.Tensor, group: int | None) -> bool:
     """Whether `grouped_mm` can run here: Triton importable, a CUDA tensor (or a CPU one under the interpreter), a
-    float dtype it supports, and a group of at least MIN_GROUP columns. `DGEMMA_INT4_KERNEL=dequant` turns it off
-    (to compare against the dequantizing path)."""
+    float dtype it supports, and a group size in GROUPS. `DGEMMA_INT4_KERNEL=dequant` turns it off (to compare
+    against the dequantizing path)."""
     if os.environ.get("DGEMMA_INT4_KERNEL", "triton") == "dequant":
         return False
-    if group is None or group < MIN_GROUP or group % 2 or x.dtype not in _DTYPES:
+    if group not in GROUPS or x.dtype not in _DTYPES:
         return False
     if x.device.type != "cuda" and not (x.device.type == "cpu" and interpreting()):
         return False
@@ -65,22 +67,23 @@ def _kernel(interpret: bool):
     triton, tl = _triton()
 
     @triton.jit
-    def int4_grouped_mm_kernel(x_ptr, q_ptr, s_ptr, bounds_ptr, y_ptr, N, K,
+    def int4_grouped_mm_kernel(x_ptr, q_ptr, s_ptr, bounds_ptr, y_ptr, M, N, K,
                                stride_xm, stride_qe, stride_qn, stride_se, stride_sn, stride_ym,
                                GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                               MSPLIT: tl.constexpr, IEEE: tl.constexpr, WIDEN: tl.constexpr):
+                               IEEE: tl.constexpr, WIDEN: tl.constexpr):
         pid_n = tl.program_id(0)
         e = tl.program_id(1)
         j = tl.program_id(2)
-        start = tl.load(bounds_ptr + e)
-        end = tl.load(bounds_ptr + e + 1)
+        splits = tl.num_programs(2)  # a launch argument, not a constant: no new compile per row count
+        start = tl.minimum(tl.load(bounds_ptr + e), M)
+        end = tl.minimum(tl.load(bounds_ptr + e + 1), M)
         HALF: tl.constexpr = GROUP // 2
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
         rk = tl.arange(0, HALF)
         q_base = q_ptr + e.to(tl.int64) * stride_qe + rn[None, :].to(tl.int64) * stride_qn  # [1, BLOCK_N]
         s_base = s_ptr + e.to(tl.int64) * stride_se + rn.to(tl.int64) * stride_sn  # [BLOCK_N]
-        for m0 in range(start + j * BLOCK_M, end, MSPLIT * BLOCK_M):
+        for m0 in range(start + j * BLOCK_M, end, splits * BLOCK_M):
             rm = m0 + tl.arange(0, BLOCK_M)
             m_ok = rm < end
             x_row = x_ptr + rm[:, None].to(tl.int64) * stride_xm  # [BLOCK_M, 1]
@@ -107,14 +110,14 @@ def _kernel(interpret: bool):
     return int4_grouped_mm_kernel
 
 
-def _blocks(m: int, groups: int, n: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, MSPLIT) from the shapes alone (no host sync): small row tiles when the average group
+def _blocks(m: int, groups: int, n: int, dtype: torch.dtype = torch.bfloat16) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, row splits) from the shapes alone (no host sync): small row tiles when the average group
     has few rows (a decode step's experts), and enough row splits that a group twice the average size is still
-    spread over programs."""
+    spread over programs. fp32 tiles stop at 32 rows (64 spill registers)."""
     avg = max(1, m // max(groups, 1))
-    block_m = 16 if avg <= 16 else 32 if avg <= 32 else 64
+    block_m = 16 if avg <= 16 else 32 if avg <= 32 or dtype == torch.float32 else 64
     block_n = 64 if n >= 64 else 32 if n >= 32 else 16
-    msplit = max(1, min(math.ceil(m / block_m), math.ceil(2 * avg / block_m)))
+    msplit = max(1, min(math.ceil(m / block_m), math.ceil(2 * avg / block_m), MAX_SPLITS))
     return block_m, block_n, msplit
 
 
@@ -137,11 +140,11 @@ def grouped_mm(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, offs: 
     y = torch.zeros(M, N, dtype=x.dtype, device=x.device)
     if M == 0:
         return y
-    block_m, block_n, msplit = _blocks(M, E, N)
+    block_m, block_n, msplit = _blocks(M, E, N, x.dtype)
     grid = (math.ceil(N / block_n), E, msplit)
-    _kernel(interpreting())[grid](x, qdata, scale, bounds, y, N, K,
+    _kernel(interpreting())[grid](x, qdata, scale, bounds, y, M, N, K,
                     x.stride(0), qdata.stride(0), qdata.stride(1), scale.stride(0), scale.stride(1), y.stride(0),
-                    GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, MSPLIT=msplit, IEEE=x.dtype == torch.float32,
+                    GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=x.dtype == torch.float32,
                     WIDEN=interpreting() and x.dtype == torch.bfloat16)
     return y
 
