@@ -10,8 +10,8 @@ Execution (`QTensor.linear`, `expert_mm`):
 - FP8 on a CUDA device that has FP8 tensor cores (compute capability 8.9+): W8A8 through torch's scaled GEMMs,
   with each activation row quantized to e4m3 on the fly (its own scale): `torch._scaled_mm` for a matrix,
   `torch._scaled_grouped_mm` for the experts.
-- int4 on a CUDA device with Triton installed (groups of 32–256, powers of two): W4A16 through dgemma's Triton kernel, which
-  dequantizes inside the (grouped) GEMM, so the weight is read as 4-bit codes (`int4_kernel.py`).
+- int4 on a CUDA device with Triton installed (groups of 32–256, powers of two): W4A16 through dgemma's Triton
+  kernel, which dequantizes inside the (grouped) GEMM, so the weight is read as 4-bit codes (`int4_kernel.py`).
 - Everything else (CPU, int4 without Triton, FP8 on older GPUs): the weight is dequantized to the activation dtype
   inside the product: one matrix at a time; the experts one group at a time on a CPU and one layer at a time on a
   GPU (no host sync). No dequantized copy of the model ever exists.
