@@ -4,7 +4,7 @@
 #       about MINUTES + 2 of wall time on one H100): data, a fresh init, both trainings at once with on-device
 #       symmetry augmentation (augment=sudoku), eager unless COMPILE=1, export,
 #       evaluation of both on the held-out puzzles. Writes to $OUT: diffusion.tar, ar.tar (bf16 checkpoints), metrics_*.csv, eval.json, eval_ar.json,
-#       train_logs.txt, timings.txt. Data: .carry/sudoku/{train.jsonl,test.txt} when present (made by prepare.py
+#       eval_reference.json, train_logs.txt, timings.txt. Data: .carry/sudoku/{train.jsonl,test.txt} when present (made by prepare.py
 #       here), else generated on the machine's cores (N_TRAIN, N_TEST; about 40 s for 40k puzzles on 16 cores).
 #       Knobs: SIZE (base), BATCH (512), N_TRAIN (40000), N_TEST (1000), plus those below.
 # The shipped run's three-call form (background processes that outlive each call):
@@ -95,6 +95,8 @@ run)
     --json-out $OUT/eval.json
   python3 recipes/sudoku/sweep.py --model $R/export/ar --puzzles $R/test.txt --mode ar \
     --json-out $OUT/eval_ar.json
+  python3 -m dgemma sudoku eval --puzzles $R/test.txt --model $R/export/diffusion --sampler reference \
+    --batch-size 500 --json > $OUT/eval_reference.json  # the reference sampler beside the fast one
   stamp "eval"
   ;;
 start)
